@@ -1,0 +1,203 @@
+"""Command line: ``auxpar train`` and ``auxpar plan`` (also ``python -m auxpar`` and torchrun -m auxpar).
+
+Flags override the TOML file given with ``--config``, which overrides the defaults. Any
+setting without a dedicated flag can be set with ``--set section.key=value`` (TOML syntax for
+the value). Errors a user can cause print one line, ``auxpar: error: ...``, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from auxpar.errors import AuxparError, ConfigError
+
+# flag dest -> (section, key). Flags default to None so that only flags given override.
+FLAG_KEYS = {
+    "method": ("run", "method"), "seed": ("run", "seed"), "epochs": ("run", "epochs"),
+    "out": ("run", "out"), "threads": ("run", "threads"), "eval_every": ("run", "eval_every"),
+    "log_every": ("run", "log_every"), "progress": ("run", "progress"),
+    "model": ("model", "name"), "dropout": ("model", "dropout"), "norm": ("model", "norm"),
+    "dataset": ("data", "dataset"), "data_dir": ("data", "data_dir"), "batch_size": ("data", "batch_size"),
+    "lr": ("optim", "lr"), "momentum": ("optim", "momentum"), "weight_decay": ("optim", "weight_decay"),
+    "schedule": ("optim", "schedule"),
+    "stages": ("dist", "stages"), "split": ("dist", "split"), "nproc": ("dist", "nproc"),
+    "backend": ("dist", "backend"), "device": ("dist", "device"),
+}
+
+
+def _split_arg(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--split {text!r}: give whole block counts separated by commas, e.g. --split 4,4,4") from None
+    if not counts:
+        raise argparse.ArgumentTypeError("--split is empty: give block counts per stage, e.g. --split 4,4,4")
+    return counts
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml", help="TOML config; flags override it")
+    p.add_argument("--model", help="resnet20|32|44|56|110, preact-resnet<6n+2>, wrn-<6n+4>-<k>")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "digits", "synthetic"])
+    p.add_argument("--stages", type=int, metavar="K", help="layer-parallel stages")
+    p.add_argument("--split", type=_split_arg, metavar="N,N,...", help="explicit blocks per stage")
+    p.add_argument("--dropout", type=float, help="dropout inside WRN blocks")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key, e.g. --set optim.grad_clip=1.0 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="auxpar",
+        description="Layer-parallel training of deep residual networks (serial and DDP baselines included).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model", description="Train a model. Flags override --config.")
+    _add_common(t)
+    t.add_argument("--method", help="serial (backprop, 1 process) or ddp (data parallel)")
+    t.add_argument("--data-dir", help="where datasets are downloaded and cached (default: data)")
+    t.add_argument("--no-download", dest="no_download", action="store_true",
+                   help="fail instead of downloading a missing dataset")
+    t.add_argument("--nproc", type=int, metavar="N", help="start N local worker processes (gloo on CPU)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int, help="global batch size")
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--momentum", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--schedule", choices=["constant", "step", "multistep", "cosine"])
+    t.add_argument("--seed", type=int)
+    t.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads per process")
+    t.add_argument("--out", metavar="DIR", help="run directory")
+    t.add_argument("--no-augment", dest="no_augment", action="store_true", help="no random crop / flip")
+    t.add_argument("--norm", choices=["bn", "none"], help="normalization layers (none: exactness tests)")
+    t.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N epochs")
+    t.add_argument("--log-every", type=int, metavar="N", help="write a step record every N steps")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--backend", choices=["auto", "gloo", "nccl"])
+    t.add_argument("--progress", choices=["auto", "on", "off"], help="progress bar (auto: when a TTY)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="allow --out to point at a directory that holds a finished run")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = sub.add_parser("plan", help="show the stage cut, balance and boundary memory (no training)")
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    from auxpar.config import parse_value, set_dotted
+
+    out: dict = {}
+    for dest, (sec, key) in FLAG_KEYS.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            out.setdefault(sec, {})[key] = v
+    if getattr(args, "no_augment", False):
+        out.setdefault("data", {})["augment"] = False
+    if getattr(args, "no_download", False):
+        out.setdefault("data", {})["download"] = False
+    if args.split is not None and args.stages is None:
+        out.setdefault("dist", {})["stages"] = len(args.split)
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: write it as section.key=value, e.g. --set optim.lr=0.1")
+        k, v = item.split("=", 1)
+        set_dotted(out, k.strip(), parse_value(v.strip()))
+    return out
+
+
+def load_config(args: argparse.Namespace):
+    from auxpar.config import build_config, load_toml
+
+    file_data = load_toml(args.config) if args.config else {}
+    return build_config(file_data, overrides_from_args(args), source=args.config or "config")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stdout)
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from auxpar import distributed as dist
+
+    t_launch = time.perf_counter()
+    cfg = load_config(args)
+    if args.print_config:
+        from auxpar.config import config_to_toml
+
+        print(config_to_toml(cfg.resolved()))
+        return 0
+    if cfg.dist.nproc > 1 and not dist.under_launcher():
+        return dist.launch_local(argv, cfg.dist.nproc)
+
+    from auxpar.trainer import train
+
+    if (cfg.run_dir() / "summary.json").exists() and not args.overwrite:
+        raise ConfigError(
+            f"run directory {cfg.run_dir()} already holds a finished run (summary.json); "
+            "choose another --out, or pass --overwrite to replace it"
+        )
+    _setup_logging(quiet=False)
+    info = dist.init(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.run.threads)
+    try:
+        train(cfg, info, t_launch)
+    finally:
+        dist.shutdown(info)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from auxpar.config import build_config, load_toml
+    from auxpar.plan import format_plan, make_plan, plan_json
+
+    file_data = load_toml(args.config) if args.config else {}
+    cfg = build_config(file_data, overrides_from_args(args), source=args.config or "config")
+    plan = make_plan(cfg.model.name, cfg.data, cfg.dist.stages, cfg.dist.split or None, cfg.model.dropout)
+    print(plan_json(plan) if args.json else format_plan(plan))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "train":
+            return cmd_train(args, argv)
+        if args.command == "plan":
+            return cmd_plan(args)
+    except AuxparError as exc:
+        _report(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("auxpar: interrupted", file=sys.stderr)
+        return 130
+    return 2  # pragma: no cover
+
+
+def _report(exc: AuxparError) -> None:
+    """Print a user error once: rank 0 speaks for errors every rank hits, others add their rank."""
+    from auxpar.distributed import env_layout
+
+    try:
+        rank, world, _, _ = env_layout()
+    except AuxparError:
+        rank, world = 0, 1
+    if world > 1 and rank != 0 and getattr(exc, "same_on_every_rank", False):
+        return  # every rank raised the same error; rank 0 reports it
+    prefix = f"[rank {rank}] " if world > 1 else ""
+    print(f"auxpar: error: {prefix}{exc}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

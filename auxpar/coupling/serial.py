@@ -1,0 +1,132 @@
+"""Serial backprop (the baseline every speedup is measured against) and DDP.
+
+``serial``: the whole network in one process, ordinary forward/backward/SGD step.
+``ddp``: the same step replicated on every rank with gradients averaged by
+``DistributedDataParallel``; every rank sees ``batch_size / world_size`` samples of the same
+global batch, so one DDP step equals one serial step at the same global batch (tested on a
+model without batch norm, where per-rank batch statistics cannot differ from the global ones).
+
+Communication accounting for DDP: a comm hook records the size of every gradient bucket that
+is all-reduced. ``comm_bytes`` reports the bytes a bandwidth-optimal ring all-reduce sends per
+rank, ``2 (W-1)/W x payload``, which is what NCCL's ring and gloo's ring algorithms send; it is
+a volume model of the collective, not a packet capture.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from auxpar.coupling.base import Method, StepOut
+from auxpar.errors import DistributedError
+
+
+def make_sgd(params, cfg) -> torch.optim.SGD:
+    o = cfg.optim
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                           weight_decay=o.weight_decay)
+
+
+class SerialMethod(Method):
+    name = "serial"
+
+    def __init__(self, cfg, info, net):
+        super().__init__(cfg, info, net)
+        self.net = net.to(info.device)
+        self.model = self.net  # what forward/backward run through (DDP wraps it)
+        self.opt = make_sgd(self.net.parameters(), cfg)
+
+    @classmethod
+    def check_layout(cls, cfg, info):
+        if info.world_size != 1:
+            raise DistributedError(
+                f"--method serial runs the whole network in one process, but {info.world_size} processes "
+                "were started; drop --nproc / torchrun, or use --method ddp for data parallelism"
+            )
+
+    def set_lr(self, lr):
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def train_step(self, batch, phase):
+        self.model.train()
+        logits = self.model(batch.x)
+        loss = F.cross_entropy(logits, batch.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
+        self.opt.step()
+        correct = (logits.detach().argmax(1) == batch.y).sum()
+        return StepOut(loss.detach(), correct, batch.y.numel())
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable):
+        self.net.eval()
+        loss_sum = torch.zeros((), device=self.info.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.info.device)
+        count = 0
+        for b in batches:
+            logits = self.net(b.x)
+            loss_sum += F.cross_entropy(logits, b.y, reduction="sum")
+            correct += (logits.argmax(1) == b.y).sum()
+            count += b.y.numel()
+        return loss_sum, correct, count
+
+    def model_state(self):
+        return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+
+    def state_dict(self):
+        return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+
+
+class DDPMethod(SerialMethod):
+    name = "ddp"
+    reduce_train_stats = True
+
+    def __init__(self, cfg, info, net):
+        super().__init__(cfg, info, net)
+        self._payload = 0
+        if info.distributed:
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids)
+            self.model.register_comm_hook(self, _counting_allreduce_hook)
+
+    @classmethod
+    def check_layout(cls, cfg, info):
+        if cfg.dist.stages != 1:
+            raise DistributedError(
+                f"--method ddp replicates the whole network, but --stages {cfg.dist.stages} was given; "
+                "use --stages 1 (layer-parallel methods use stages)"
+            )
+        if cfg.data.batch_size % info.world_size:
+            raise DistributedError(
+                f"--batch-size {cfg.data.batch_size} is the global batch and must divide evenly over "
+                f"{info.world_size} DDP ranks; use a multiple of {info.world_size}"
+            )
+
+    def sampler_layout(self):
+        return self.info.world_size, self.info.rank
+
+    def eval_layout(self):
+        return self.info.world_size, self.info.rank
+
+    def comm_bytes(self):
+        w = self.info.world_size
+        return int(round(self._payload * 2 * (w - 1) / w)) if w > 1 else 0
+
+
+def _counting_allreduce_hook(method: DDPMethod, bucket):
+    """Average the bucket across ranks (as DDP's default hook does) and record its size."""
+    buf = bucket.buffer()
+    method._payload += buf.numel() * buf.element_size()
+    world = torch.distributed.get_world_size()
+    fut = torch.distributed.all_reduce(buf.div_(world), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])

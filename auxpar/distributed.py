@@ -1,0 +1,191 @@
+"""Process layout: the ONLY module that reads torchrun's environment.
+
+Two ways to get N processes:
+
+* ``torchrun --nproc_per_node=N -m auxpar train ...``: torchrun sets RANK, WORLD_SIZE,
+  LOCAL_RANK, MASTER_ADDR/PORT; :func:`init` joins the group.
+* ``auxpar train --nproc N ...``: :func:`launch_local` starts N copies of the same command
+  with that environment set (gloo on CPU), waits for them, and if one fails stops the others
+  at once, so a crashed or misconfigured rank never leaves its peers hanging in a collective.
+
+Backend: nccl when the device is CUDA, gloo otherwise (``dist.backend`` may force one).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from auxpar.errors import DistributedError
+
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str = "none"
+    """'none' when running as a single process without a process group."""
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_layout() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's variables; (0, 1, 0, 1) if unset."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    except ValueError as exc:
+        raise DistributedError(f"malformed torchrun environment ({exc}); launch with torchrun or --nproc") from None
+    return rank, world, local_rank, local_world
+
+
+def under_launcher() -> bool:
+    """True when this process was started by torchrun or by ``--nproc`` (WORLD_SIZE is set)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def pick_device(kind: str, local_rank: int) -> torch.device:
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DistributedError("dist.device = cuda but torch sees no CUDA device; use --device cpu")
+        n = torch.cuda.device_count()
+        dev = torch.device("cuda", local_rank % n)
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def default_threads(local_world_size: int) -> int:
+    """One core share per local process, so N ranks on N cores do not oversubscribe the CPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
+
+
+def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
+         threads: int = 0) -> DistInfo:
+    """Join the process group described by the environment (or stay single-process)."""
+    rank, world, local_rank, local_world = env_layout()
+    dev = pick_device(device, local_rank)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif under_launcher():
+        torch.set_num_threads(default_threads(local_world))
+    if not under_launcher():
+        return DistInfo(0, 1, 0, 1, dev, "none")
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise DistributedError("dist.backend = nccl needs CUDA devices; use --backend gloo on CPU")
+    if not tdist.is_initialized():
+        tdist.init_process_group(
+            backend=backend, rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistInfo(rank, world, local_rank, local_world, dev, backend)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.distributed and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        if info.backend == "nccl":
+            tdist.barrier(device_ids=[info.device.index])
+        else:
+            tdist.barrier()
+
+
+def all_reduce_(info: DistInfo, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over all ranks (no-op single-process). op: sum or max."""
+    if info.distributed:
+        tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}[op])
+    return t
+
+
+def reduce_floats(info: DistInfo, values: list[float], op: str = "sum") -> list[float]:
+    """All-reduce a few Python numbers (end-of-run accounting, not the hot loop)."""
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    all_reduce_(info, t, op)
+    return t.tolist()
+
+
+# --------------------------------------------------------------------------- local launcher
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(argv: list[str], nproc: int, grace_s: float = 5.0) -> int:
+    """Run ``python -m auxpar <argv>`` as ``nproc`` ranks on this machine; return the exit code.
+
+    The first rank that exits non-zero stops the job: the others are terminated (then killed
+    after ``grace_s``), so a failure never becomes a hang. Its exit code is returned.
+    """
+    port = _free_port()
+    procs: list[subprocess.Popen] = []
+    for rank in range(nproc):
+        env = dict(os.environ)
+        env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   AUXPAR_LOCAL_LAUNCH="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "auxpar", *argv], env=env))
+    code = 0
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                code = failed[0]
+                break
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        code = 130
+    _stop_all(procs, grace_s)
+    return code
+
+
+def _stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def clear_env_for_children() -> dict:
+    """A copy of the environment without torchrun's variables (for spawning fresh single runs)."""
+    return {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}

@@ -1,0 +1,78 @@
+"""metrics.jsonl and summary.json: the files studies and later tools read.
+
+Records have fixed keys (a value may be null, a key is never missing), so a reader can build a
+table from any run without guessing. Only the rank that owns a number writes it: the method's
+``log_rank`` (rank 0 for serial and DDP; the last stage for layer-parallel methods).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from pathlib import Path
+
+import torch
+
+EPOCH_KEYS = (
+    "kind", "epoch", "step", "phase", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+    "epoch_time_s", "train_time_s", "comm_bytes",
+)
+STEP_KEYS = ("kind", "epoch", "step", "phase", "lr", "loss")
+
+SUMMARY_KEYS = (
+    "method", "model", "dataset", "world_size", "stages", "split", "epochs", "steps",
+    "final_test_acc", "best_test_acc", "final_train_loss", "final_train_acc",
+    "wall_time_s", "train_time_s", "eval_time_s", "phase_times_s", "comm_bytes",
+    "peak_memory_bytes", "peak_memory_bytes_per_rank", "torch_version", "device", "backend",
+    "threads", "seed", "params",
+)
+
+
+def _clean(v):
+    """JSON has no NaN/inf: write them as null (the NaN guard reports them separately)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsWriter:
+    """Append-only JSON-lines writer (one flush per record, so a crash loses at most one line)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, keys: tuple, **values) -> None:
+        unknown = set(values) - set(keys)
+        if unknown:
+            raise KeyError(f"metrics record has keys outside its schema: {sorted(unknown)}")
+        if self._fh is None:
+            return
+        rec = {k: _clean(values.get(k)) for k in keys}
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+
+    def epoch(self, **values) -> None:
+        self.write(EPOCH_KEYS, kind="epoch", **values)
+
+    def step(self, **values) -> None:
+        self.write(STEP_KEYS, kind="step", **values)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # Linux reports ru_maxrss in KiB.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
