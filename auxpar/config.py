@@ -206,11 +206,6 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
-        if self.run.method == "serial" and self.dist.stages != 1:
-            raise ConfigError(
-                f"--method serial runs the whole network in one process, but --stages {self.dist.stages} was given; "
-                "use --stages 1, or a layer-parallel method"
-            )
         return self
 
     def resolved(self) -> dict:

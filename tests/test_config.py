@@ -35,7 +35,6 @@ def test_dataset_recipe_defaults_and_precedence(tmp_path):
     ({"data": {"dataset": "imagenet"}}, ["data.dataset", "cifar10"]),
     ({"optim": {"momentum": 0.0}}, ["nesterov", "momentum"]),
     ({"dist": {"stages": 2, "split": [3, 3, 3]}}, ["dist.split", "3 entries"]),
-    ({"run": {"method": "serial"}, "dist": {"stages": 2}}, ["--method serial", "--stages 2"]),
     ({"optim": {"milestones": [120, 60]}}, ["milestones", "increasing"]),
     ({"data": {"synthetic_shape": [3, 32]}}, ["synthetic_shape", "[C, H, W]"]),
 ])

@@ -41,6 +41,11 @@ class SerialMethod(Method):
 
     @classmethod
     def check_layout(cls, cfg, info):
+        if cfg.dist.stages != 1:
+            raise DistributedError(
+                f"--method serial runs the whole network in one process, but --stages {cfg.dist.stages} was given; "
+                "use --stages 1 (stages are for layer-parallel methods)"
+            )
         if info.world_size != 1:
             raise DistributedError(
                 f"--method serial runs the whole network in one process, but {info.world_size} processes "
