@@ -1,0 +1,58 @@
+"""Datasets, augmentation and batching for auxpar (plain torch; torchvision is never imported).
+
+Typical use::
+
+    train = load_dataset("cifar10", "train", data_dir="data")
+    test = load_dataset("cifar10", "test", data_dir="data")
+    sampler = IndexSampler(len(train), 128, seed=0, num_replicas=world, rank=rank)
+    loader = BatchLoader(train, sampler, device="cuda",
+                         augment=Augment(**default_augment("cifar10")), generator_seed=0)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for idx, x, y in loader:   # idx: sample ids (keys of per-sample auxiliary states)
+            ...
+    for batch in eval_batches(test, 1000, "cuda"):
+        ...
+"""
+
+from auxpar.data.augment import Augment, AugmentParams, normalize
+from auxpar.data.cifar import CIFAR_SOURCES, URL_BASE_ENV, CifarSource, cache_path, load_cifar
+from auxpar.data.datasets import (
+    DATASET_NAMES,
+    DIGITS_SPLIT_SEED,
+    SYNTHETIC_DEFAULTS,
+    ImageDataset,
+    channel_stats,
+    default_augment,
+    derive_seed,
+    load_dataset,
+    load_digits,
+    load_synthetic,
+)
+from auxpar.data.loader import Batch, BatchLoader, IndexSampler, ShardBatch, eval_batches
+
+__all__ = [
+    "Augment",
+    "AugmentParams",
+    "Batch",
+    "BatchLoader",
+    "CIFAR_SOURCES",
+    "CifarSource",
+    "DATASET_NAMES",
+    "DIGITS_SPLIT_SEED",
+    "ImageDataset",
+    "IndexSampler",
+    "SYNTHETIC_DEFAULTS",
+    "ShardBatch",
+    "URL_BASE_ENV",
+    "cache_path",
+    "channel_stats",
+    "default_augment",
+    "derive_seed",
+    "eval_batches",
+    "load_cifar",
+    "load_dataset",
+    "load_digits",
+    "load_synthetic",
+    "normalize",
+]

@@ -1,0 +1,304 @@
+"""The common image container and the dataset front door.
+
+Every dataset is held in memory as one :class:`ImageDataset`: ``uint8`` images ``N x C x H x W``
+plus ``int64`` labels. The *sample id* of image ``i`` is simply ``i`` (see
+:attr:`ImageDataset.indices`). Ids are stable: the same archive (or the same scikit-learn
+digits data, or the same synthetic config + seed) gives the same ids, in the same order, on
+every run and on every rank, so per-sample auxiliary states can be keyed on them.
+
+Datasets:
+
+* ``cifar10`` / ``cifar100``: the official python-format archives (see :mod:`auxpar.data.cifar`).
+* ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes). A fixed stratified
+  80/20 split (1437 train / 360 test) whose seed is a constant of this module, *not* the run
+  seed, so the test set never changes.
+* ``synthetic``: uniform random ``uint8`` images with random labels, for benchmarks and speed
+  measurements only. There is nothing to learn in it; never report accuracy on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from auxpar.errors import ConfigError, DataError
+
+DATASET_NAMES = ("cifar10", "cifar100", "digits", "synthetic")
+SPLITS = ("train", "test")
+
+#: Seed of the digits train/test split. A constant on purpose: the test set must not depend on
+#: the run seed. Changing it changes every digits result; don't.
+DIGITS_SPLIT_SEED = 20240611
+DIGITS_TEST_FRACTION = 0.2
+
+SYNTHETIC_DEFAULTS: dict[str, Any] = {
+    "num_train": 1024,
+    "num_test": 256,
+    "shape": (3, 32, 32),
+    "num_classes": 10,
+}
+
+_DEFAULT_AUGMENT = {
+    "cifar10": {"crop_pad": 4, "pad_mode": "reflect", "flip": True},
+    "cifar100": {"crop_pad": 4, "pad_mode": "reflect", "flip": True},
+    # Flipping a digit changes its meaning (2 vs 5 ...), and 1 pixel is 1/8 of the image.
+    "digits": {"crop_pad": 1, "pad_mode": "zero", "flip": False},
+    "synthetic": {"crop_pad": 4, "pad_mode": "reflect", "flip": True},
+}
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed derived from ``parts`` (ints / strings), stable across runs and platforms.
+
+    Used wherever a generator must depend on several things at once (seed, epoch, batch ...)
+    without the result depending on how many draws happened before.
+    """
+    digest = hashlib.blake2b(repr(tuple(parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class ImageDataset:
+    """One split of a dataset, fully in memory.
+
+    ``images``: ``uint8`` ``N x C x H x W``, contiguous. ``labels``: ``int64`` ``N``.
+    ``mean`` / ``std``: per-channel statistics on the 0..1 scale, computed from the *train*
+    split (a test split carries the train split's values). The sample id of image ``i`` is
+    ``i``; ids are stable across runs (same data -> same ids).
+    """
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    split: str = field(default="train")
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"ImageDataset.images must be uint8 N x C x H x W, got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+            raise ValueError(
+                f"ImageDataset.labels must be int64 of shape (N,), got {self.labels.dtype} "
+                f"{tuple(self.labels.shape)}"
+            )
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise ValueError(
+                f"ImageDataset has {self.images.shape[0]} images but {self.labels.shape[0]} labels"
+            )
+        channels = self.images.shape[1]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean/std need {channels} entries, got {self.mean} / {self.std}")
+        if not self.images.is_contiguous():
+            self.images = self.images.contiguous()
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        _, c, h, w = self.images.shape
+        return (int(c), int(h), int(w))
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """Sample ids ``0..N-1`` (int64): the id of image ``i`` is ``i``."""
+        return torch.arange(len(self), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __repr__(self) -> str:  # the default would print the whole tensors
+        return (
+            f"ImageDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"shape={self.shape}, num_classes={self.num_classes})"
+        )
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of ``uint8`` ``N x C x H x W`` images, 0..1 scale."""
+    if images.shape[0] == 0:
+        raise DataError("cannot compute image statistics of an empty dataset: check the data source")
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, images.shape[0], chunk):
+        part = images[start : start + chunk].to(torch.float64) / 255.0
+        total += part.sum(dim=(0, 2, 3))
+        total_sq += (part * part).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0.0)
+    std = var.sqrt().clamp_min(1e-6)  # a constant channel must not divide by zero
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def default_augment(name: str) -> dict[str, Any]:
+    """Default augmentation settings of a dataset: ``{"crop_pad", "pad_mode", "flip"}``.
+
+    CIFAR and synthetic: 4-pixel reflect-padded random crop + horizontal flip.
+    Digits: 1-pixel zero-padded crop, no flip (flipping changes a digit's meaning).
+    """
+    _check_name(name)
+    return dict(_DEFAULT_AUGMENT[name])
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASET_NAMES:
+        raise ConfigError(
+            f"unknown dataset {name!r}: valid names are {', '.join(DATASET_NAMES)}"
+        )
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}: use 'train' or 'test'")
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    *,
+    data_dir: str = "data",
+    download: bool = True,
+    seed: int = 0,
+    synthetic: Mapping[str, Any] | None = None,
+) -> ImageDataset:
+    """Load one split of a dataset as an :class:`ImageDataset`.
+
+    ``name``: ``cifar10``, ``cifar100``, ``digits`` or ``synthetic``; ``split``: ``train`` or
+    ``test``. ``data_dir`` and ``download`` only matter for CIFAR (see
+    :func:`auxpar.data.cifar.load_cifar`). ``seed`` and ``synthetic`` (a mapping with keys
+    ``num_train``, ``num_test``, ``shape``, ``num_classes``) only matter for ``synthetic``;
+    the digits split never depends on ``seed``.
+    """
+    _check_name(name)
+    _check_split(split)
+    if name in ("cifar10", "cifar100"):
+        from auxpar.data.cifar import load_cifar
+
+        return load_cifar(name, split, data_dir=data_dir, download=download)
+    if name == "digits":
+        return load_digits(split)
+    return load_synthetic(split, seed=seed, config=synthetic)
+
+
+# --------------------------------------------------------------------------------------------
+# digits
+
+
+def _stratified_test_mask(labels: list[int], fraction: float, seed: int) -> list[bool]:
+    """Deterministic stratified split that does not depend on any RNG implementation.
+
+    The test size is ``ceil(fraction * N)`` (what scikit-learn's ``train_test_split`` uses),
+    shared out over classes by largest remainder; inside a class, samples are ranked by a hash
+    of ``(seed, index)``.
+    """
+    n = len(labels)
+    n_test = math.ceil(fraction * n)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    classes = sorted(by_class)
+    exact = {c: fraction * len(by_class[c]) for c in classes}
+    quota = {c: math.floor(exact[c]) for c in classes}
+    left = n_test - sum(quota.values())
+    for c in sorted(classes, key=lambda c: (-(exact[c] - quota[c]), c))[:left]:
+        quota[c] += 1
+    mask = [False] * n
+    for c in classes:
+        ranked = sorted(by_class[c], key=lambda i: derive_seed(seed, "digits", i))
+        for i in ranked[: quota[c]]:
+            mask[i] = True
+    return mask
+
+
+def load_digits(split: str) -> ImageDataset:
+    """scikit-learn's 8x8 digits as ``uint8`` ``N x 1 x 8 x 8`` (values ``round(v * 255 / 16)``)."""
+    _check_split(split)
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError as exc:
+        raise DataError(
+            "the 'digits' dataset needs scikit-learn, which is not installed: "
+            "run `pip install 'auxpar[demo]'` (or `pip install scikit-learn`)"
+        ) from exc
+    bunch = _sk_load_digits()
+    raw = torch.as_tensor(bunch.images, dtype=torch.float64)  # (1797, 8, 8), values 0..16
+    images = torch.round(raw * 255.0 / 16.0).clamp_(0, 255).to(torch.uint8).unsqueeze(1)
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    test_mask = torch.tensor(
+        _stratified_test_mask(labels.tolist(), DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
+    )
+    train_images = images[~test_mask].contiguous()
+    mean, std = channel_stats(train_images)
+    if split == "train":
+        sel_images, sel_labels = train_images, labels[~test_mask].contiguous()
+    else:
+        sel_images, sel_labels = images[test_mask].contiguous(), labels[test_mask].contiguous()
+    return ImageDataset("digits", sel_images, sel_labels, 10, mean, std, split=split)
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic
+
+
+def _synthetic_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    cfg = dict(SYNTHETIC_DEFAULTS)
+    if config is None:
+        return cfg
+    unknown = sorted(set(config) - set(SYNTHETIC_DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"unknown synthetic dataset option(s) {', '.join(map(repr, unknown))}: "
+            f"valid options are {', '.join(SYNTHETIC_DEFAULTS)}"
+        )
+    cfg.update(config)
+    for key in ("num_train", "num_test", "num_classes"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"synthetic.{key} must be a positive integer, got {value!r}")
+    shape = cfg["shape"]
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 3
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    ):
+        raise ConfigError(
+            f"synthetic.shape must be three positive integers (C, H, W), e.g. [3, 32, 32]; got {shape!r}"
+        )
+    cfg["shape"] = tuple(shape)
+    return cfg
+
+
+def _synthetic_split(cfg: dict[str, Any], split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = cfg["num_train"] if split == "train" else cfg["num_test"]
+    gen = torch.Generator().manual_seed(derive_seed(seed, "synthetic", split))
+    images = torch.randint(0, 256, (n, *cfg["shape"]), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, cfg["num_classes"], (n,), generator=gen, dtype=torch.int64)
+    return images, labels
+
+
+def load_synthetic(split: str, *, seed: int = 0, config: Mapping[str, Any] | None = None) -> ImageDataset:
+    """Random ``uint8`` images and random labels, deterministic given ``seed``.
+
+    For benchmarks / speed only: the labels are noise, so accuracy on it means nothing.
+    Train and test are drawn from different generator streams (different samples).
+    """
+    _check_split(split)
+    cfg = _synthetic_config(config)
+    train_images, train_labels = _synthetic_split(cfg, "train", seed)
+    mean, std = channel_stats(train_images)
+    if split == "train":
+        images, labels = train_images, train_labels
+    else:
+        images, labels = _synthetic_split(cfg, "test", seed)
+    return ImageDataset("synthetic", images, labels, cfg["num_classes"], mean, std, split=split)
