@@ -146,10 +146,12 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         )
     _setup_logging(quiet=False)
     info = dist.init(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.run.threads)
+    clean = False
     try:
         train(cfg, info, t_launch)
+        clean = True
     finally:
-        dist.shutdown(info)
+        dist.shutdown(info, clean=clean)
     return 0
 
 

@@ -27,8 +27,7 @@ from tqdm import tqdm
 from auxpar import checkpoint
 from auxpar.config import Config, config_to_toml
 from auxpar.coupling import get_method
-from auxpar.data import Augment, BatchLoader, IndexSampler, default_augment, load_dataset, normalize
-from auxpar.data.loader import Batch
+from auxpar.data import Augment, BatchLoader, IndexSampler, default_augment, eval_batches, load_dataset
 from auxpar.distributed import DistInfo, all_reduce_, barrier, reduce_floats
 from auxpar.errors import TrainingError
 from auxpar.metrics import MetricsWriter, peak_memory_bytes
@@ -66,16 +65,6 @@ def make_augment(cfg: Config) -> Augment | None:
     mode = dflt["pad_mode"] if d.pad_mode == "auto" else d.pad_mode
     flip = dflt["flip"] if d.flip == "auto" else d.flip == "on"
     return Augment(crop_pad=pad, pad_mode=mode, flip=flip)
-
-
-def eval_batches(dataset, batch_size: int, device: torch.device, shards: int = 1, shard: int = 0):
-    """This rank's share of the test set (every ``shards``-th sample), in fixed order, no augmentation."""
-    images = dataset.images.to(device)
-    labels = dataset.labels.to(device)
-    ids = torch.arange(shard, len(dataset), shards, device=device)
-    for start in range(0, ids.numel(), batch_size):
-        idx = ids[start:start + batch_size]
-        yield Batch(idx, normalize(images[idx], dataset.mean, dataset.std), labels[idx])
 
 
 def _progress_enabled(cfg: Config) -> bool:
@@ -121,8 +110,8 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
         checkpoint.write_text(config_to_toml(cfg.resolved()), run_dir / "config.toml")
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         metrics = MetricsWriter(run_dir / "metrics.jsonl")
-        log.info("run %s: %s %s on %s, %d parameters, %d rank(s), device %s, %d thread(s)",
-                 run_dir, cfg.run.method, cfg.model.name, cfg.data.dataset, n_params,
+        log.info("run %s: %s %s on %s, %s parameters, %d rank(s), device %s, %d thread(s)",
+                 run_dir, cfg.run.method, cfg.model.name, cfg.data.dataset, f"{n_params:,}",
                  info.world_size, info.device, torch.get_num_threads())
 
     epochs, steps_per_epoch = cfg.run.epochs, len(loader)
@@ -178,7 +167,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
             te = time.perf_counter()
             shards, shard = method.eval_layout()
             l_sum, c_sum, n = method.evaluate(
-                eval_batches(test_set, cfg.data.eval_batch_size, info.device, shards, shard))
+                eval_batches(test_set, cfg.data.eval_batch_size, info.device, shards=shards, shard=shard))
             ev = torch.stack([l_sum.double(), c_sum.double(),
                               torch.tensor(float(n), dtype=torch.float64, device=info.device)])
             if shards > 1:

@@ -108,3 +108,39 @@ def test_plan_text_and_explicit_split():
 def test_help(argv):
     res = run_cli(*argv)
     assert res.returncode == 0 and "usage" in res.stdout
+
+
+def _torchrun(*args, nproc=2, timeout=180):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "auxpar", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_and_threads(tmp_path):
+    out = tmp_path / "tr"
+    res = _torchrun("train", *SMALL, "--method", "ddp", "--threads", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["threads"] == 1 and s["backend"] == "gloo"
+    assert s["comm_bytes"] > 0
+    # Under torchrun, the wrong world size for the method is one clear message from rank 0.
+    res = _torchrun("train", *SMALL, "--method", "serial", "--out", str(tmp_path / "bad"))
+    assert res.returncode != 0
+    assert res.stderr.count("auxpar: error:") == 1 and "--method serial" in res.stderr
+
+
+def test_console_script_is_installed():
+    import shutil
+    import subprocess
+
+    exe = shutil.which("auxpar")
+    if exe is None:
+        pytest.skip("package not installed with pip (console script absent)")
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "train" in res.stdout

@@ -593,3 +593,16 @@ def test_image_dataset_validation():
         ImageDataset("x", torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.int64), 2, (0.0,), (1.0,))
     with pytest.raises(ValueError):
         ImageDataset("x", torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64), 2, (0.0,), (1.0,))
+
+
+def test_eval_batches_shards_cover_the_set_once():
+    from auxpar.data import eval_batches, load_dataset
+
+    ds = load_dataset("digits", "test")
+    full = torch.cat([b.idx for b in eval_batches(ds, 100, "cpu")])
+    parts = [torch.cat([b.idx for b in eval_batches(ds, 64, "cpu", shards=3, shard=r)]) for r in range(3)]
+    assert full.tolist() == list(range(len(ds)))
+    assert sorted(torch.cat(parts).tolist()) == full.tolist()
+    assert parts[0].tolist() != parts[1].tolist()
+    b = next(eval_batches(ds, 8, "cpu", shards=3, shard=1))
+    assert torch.equal(b.y, ds.labels[b.idx])

@@ -275,17 +275,24 @@ def eval_batches(
     device: torch.device | str,
     *,
     normalize: bool = True,
+    shards: int = 1,
+    shard: int = 0,
 ) -> Iterator[Batch]:
-    """All samples in id order, ``batch_size`` at a time (last batch may be smaller), no
-    augmentation. Each batch is copied to ``device`` as it is needed."""
+    """Samples ``shard, shard + shards, ...`` in id order (all of them by default),
+    ``batch_size`` at a time (last batch may be smaller), no augmentation. Data-parallel ranks
+    each evaluate one shard and sum the results. Each batch is copied to ``device`` as needed."""
     _positive_int("batch_size", batch_size)
+    _positive_int("shards", shards)
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is outside 0..{shards - 1}")
     device = torch.device(device)
     mean = torch.tensor(dataset.mean, dtype=torch.float32, device=device)
     std = torch.tensor(dataset.std, dtype=torch.float32, device=device)
-    for start in range(0, len(dataset), batch_size):
-        stop = min(start + batch_size, len(dataset))
-        idx = torch.arange(start, stop, dtype=torch.int64, device=device)
-        x = dataset.images[start:stop].to(device, non_blocking=True)
+    ids = torch.arange(shard, len(dataset), shards, dtype=torch.int64)
+    for start in range(0, ids.numel(), batch_size):
+        idx = ids[start:start + batch_size]
+        x = dataset.images.index_select(0, idx).to(device, non_blocking=True)
         if normalize:
             x = _normalize(x, mean, std)
-        yield Batch(idx, x, dataset.labels[start:stop].to(device, non_blocking=True))
+        y = dataset.labels.index_select(0, idx).to(device, non_blocking=True)
+        yield Batch(idx.to(device), x, y)
