@@ -22,7 +22,7 @@ FLAG_KEYS = {
     "model": ("model", "name"), "dropout": ("model", "dropout"), "norm": ("model", "norm"),
     "dataset": ("data", "dataset"), "data_dir": ("data", "data_dir"), "batch_size": ("data", "batch_size"),
     "lr": ("optim", "lr"), "momentum": ("optim", "momentum"), "weight_decay": ("optim", "weight_decay"),
-    "schedule": ("optim", "schedule"),
+    "lr_schedule": ("optim", "schedule"),
     "stages": ("dist", "stages"), "split": ("dist", "split"), "nproc": ("dist", "nproc"),
     "backend": ("dist", "backend"), "device": ("dist", "device"),
 }
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="peak learning rate")
     t.add_argument("--momentum", type=float)
     t.add_argument("--weight-decay", type=float)
-    t.add_argument("--schedule", choices=["constant", "step", "multistep", "cosine"])
+    t.add_argument("--lr-schedule", choices=["constant", "step", "multistep", "cosine"],
+                   help="learning-rate schedule over global epochs")
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads per process")
     t.add_argument("--out", metavar="DIR", help="run directory")
