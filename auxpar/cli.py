@@ -25,6 +25,12 @@ FLAG_KEYS = {
     "lr_schedule": ("optim", "schedule"),
     "stages": ("dist", "stages"), "split": ("dist", "split"), "nproc": ("dist", "nproc"),
     "backend": ("dist", "backend"), "device": ("dist", "device"),
+    "rho": ("coupling", "rho"), "rho_growth": ("coupling", "rho_growth"), "rho_max": ("coupling", "rho_max"),
+    "aux_update": ("coupling", "aux_update"), "aux_lr": ("coupling", "aux_lr"),
+    "ds_factor": ("coupling", "ds_factor"), "ds_mode": ("coupling", "ds_mode"),
+    "upsample": ("coupling", "upsample"), "aux_dtype": ("coupling", "aux_dtype"),
+    "aux_device": ("coupling", "aux_device"), "schedule": ("coupling", "schedule"),
+    "mu_damping": ("coupling", "mu_damping"),
 }
 
 
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model", description="Train a model. Flags override --config.")
     _add_common(t)
-    t.add_argument("--method", help="serial (backprop, 1 process) or ddp (data parallel)")
+    t.add_argument("--method", help="serial (backprop, 1 process), ddp (data parallel), penalty or al (layer parallel)")
     t.add_argument("--data-dir", help="where datasets are downloaded and cached (default: data)")
     t.add_argument("--no-download", dest="no_download", action="store_true",
                    help="fail instead of downloading a missing dataset")
@@ -83,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--progress", choices=["auto", "on", "off"], help="progress bar (auto: when a TTY)")
     t.add_argument("--overwrite", action="store_true",
                    help="allow --out to point at a directory that holds a finished run")
+    g = t.add_argument_group("layer-parallel coupling (--method penalty | al)")
+    g.add_argument("--rho", type=float, help="penalty parameter beta, per element of a boundary state")
+    g.add_argument("--rho-growth", type=float, help="beta <- min(growth * beta, rho_max) every epoch")
+    g.add_argument("--rho-max", type=float, help="cap of the geometric beta schedule")
+    g.add_argument("--aux-update", choices=["gradient", "prox", "forward"], help="aux-state update rule")
+    g.add_argument("--aux-lr", type=float, help="aux step eta_z (gradient) or tau (prox); 0 = 1/beta")
+    g.add_argument("--ds-factor", type=int, help="store/send boundary states at 1/s resolution (1 = exact)")
+    g.add_argument("--ds-mode", choices=["avg", "max"], help="downsampling (pooling) operator")
+    g.add_argument("--upsample", choices=["nearest", "bilinear"], help="upsampling operator")
+    g.add_argument("--aux-dtype", choices=["fp32", "bf16", "fp16"], help="aux-state storage dtype")
+    g.add_argument("--aux-device", choices=["device", "host"], help="aux states in device or (pinned) host memory")
+    g.add_argument("--schedule", metavar="PHASES", help='SPH phases, repeated, e.g. "parallel:8,serial:2"')
+    g.add_argument("--mu-damping", type=float, help="AL multiplier damping in [0, 1)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     p = sub.add_parser("plan", help="show the stage cut, balance and boundary memory (no training)")

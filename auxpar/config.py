@@ -7,6 +7,8 @@ A run is described by one :class:`Config`, made of sections that mirror the TOML
     [data]   dataset, data_dir, batch_size, augment, crop_pad, pad_mode, flip, synthetic_*
     [optim]  lr, momentum, nesterov, weight_decay, schedule, milestones, gamma, min_lr
     [dist]   stages, split, nproc, backend, device, timeout_s
+    [coupling] rho, rho_growth, rho_max, aux_update, aux_lr, ds_factor, ds_mode, upsample,
+             aux_dtype, aux_device, schedule, mu_reset, mu_damping, serial_executor
 
 Precedence: dataclass defaults < dataset recipe defaults (e.g. digits turns flipping off)
 < the TOML file < command-line flags. ``Config.resolved()`` returns the plain dict that is
@@ -38,7 +40,7 @@ else:  # pragma: no cover - exercised only on 3.10
 
 from auxpar.errors import ConfigError
 
-METHODS = ("serial", "ddp")
+METHODS = ("serial", "ddp", "penalty", "al")
 """Training methods known to this build. Layer-parallel methods register here when they land."""
 
 SCHEDULES = ("constant", "step", "multistep", "cosine")
@@ -196,12 +198,74 @@ class DistConfig:
 
 
 @dataclass
+class CouplingConfig:
+    """Auxiliary-variable coupling (``--method penalty`` and ``--method al``); algorithms.md §3-5.
+
+    ``rho`` is the penalty parameter beta of algorithms.md. The penalty is normalized per
+    element: stage k-1's local loss is ``(rho/2) * mean_i ||D(F(z_{k-1,i})) - t_{k,i}||^2 / n_k``
+    with n_k the number of values of one stored boundary state, i.e. beta_k = rho / n_k in the
+    per-sample formulas. That makes one rho fit every boundary and model size (algorithms.md
+    notes an unnormalized beta had to shrink with the boundary size).
+    """
+
+    rho: float = 1.0
+    """Penalty parameter (beta), per element of the boundary state."""
+    rho_growth: float = 1.0
+    """Geometric beta schedule: beta <- min(rho_growth * beta, rho_max) every epoch; 1 = constant."""
+    rho_max: float = 1e6
+    aux_update: str = "gradient"
+    """gradient (z -= aux_lr * grad_z), prox (linearized proximal step, tau = aux_lr), forward (z = o)."""
+    aux_lr: float = 0.0
+    """Aux step eta_z (gradient) or tau (prox); 0 = 1/beta_k, the step that makes the upstream
+    penalty gradient equal the backprop gradient (algorithms.md §3, practical notes)."""
+    ds_factor: int = 1
+    """Spatial downsampling s of stored and sent boundary tensors; 1 = exact, no filter."""
+    ds_mode: str = "avg"
+    """Downsampling operator D: avg or max pooling with kernel = stride = s."""
+    upsample: str = "nearest"
+    """Upsampling operator U: nearest or bilinear."""
+    aux_dtype: str = "fp32"
+    """Storage (and send) dtype of aux states and multipliers: fp32, bf16, fp16."""
+    aux_device: str = "device"
+    """device (training device memory) or host (CPU memory; pinned when training on CUDA)."""
+    schedule: str = "parallel:2,serial:1"
+    """SPH phase list, repeated until run.epochs: e.g. parallel:8,serial:2; 'parallel' alone = no serial phase."""
+    mu_reset: bool = True
+    """AL: reset multipliers to 0 when the aux states are re-initialized after a serial phase."""
+    mu_damping: float = 0.0
+    """AL: mu <- (1 - mu_damping) * mu + beta (o - z); damps multiplier build-up over long phases."""
+    serial_executor: str = "layer"
+    """How the serial phase runs over the K ranks: layer (activations forward, gradients back)."""
+
+    def validate(self) -> None:
+        _positive("coupling.rho", self.rho)
+        if self.rho_growth < 1.0:
+            raise ConfigError(f"coupling.rho_growth = {self.rho_growth} must be >= 1 (1 keeps beta constant)")
+        if self.rho_max < self.rho:
+            raise ConfigError(f"coupling.rho_max = {self.rho_max} is below coupling.rho = {self.rho}; raise rho_max")
+        _choice("coupling.aux_update", self.aux_update, ("gradient", "prox", "forward"))
+        _nonneg("coupling.aux_lr", self.aux_lr)
+        _positive("coupling.ds_factor", self.ds_factor)
+        _choice("coupling.ds_mode", self.ds_mode, ("avg", "max"))
+        _choice("coupling.upsample", self.upsample, ("nearest", "bilinear"))
+        _choice("coupling.aux_dtype", self.aux_dtype, ("fp32", "bf16", "fp16"))
+        _choice("coupling.aux_device", self.aux_device, ("device", "host"))
+        if not 0.0 <= self.mu_damping < 1.0:
+            raise ConfigError(f"coupling.mu_damping = {self.mu_damping} must be in [0, 1)")
+        _choice("coupling.serial_executor", self.serial_executor, ("layer",))
+        from auxpar.schedule import parse_phases
+
+        parse_phases(self.schedule)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    coupling: CouplingConfig = field(default_factory=CouplingConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

@@ -17,6 +17,11 @@ import torch
 EPOCH_KEYS = (
     "kind", "epoch", "step", "phase", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
     "epoch_time_s", "train_time_s", "comm_bytes",
+    # layer-parallel methods (null for serial / DDP): beta; per boundary k = 1..K-1 the mean
+    # residual ||F_{k-1}(z_{k-1}) - z_k||, the penalty value and the mean multiplier norm; per
+    # rank the cumulative compute / communication / waiting seconds; aux re-initialization time.
+    "beta", "residual", "penalty", "mu_norm", "time_compute_s", "time_comm_s", "time_wait_s",
+    "reinit_time_s",
 )
 STEP_KEYS = ("kind", "epoch", "step", "phase", "lr", "loss")
 
@@ -25,7 +30,7 @@ SUMMARY_KEYS = (
     "final_test_acc", "best_test_acc", "final_train_loss", "final_train_acc",
     "wall_time_s", "train_time_s", "eval_time_s", "phase_times_s", "comm_bytes",
     "peak_memory_bytes", "peak_memory_bytes_per_rank", "torch_version", "device", "backend",
-    "threads", "seed", "params",
+    "threads", "seed", "params", "aux_store_bytes",
 )
 
 

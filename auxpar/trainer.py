@@ -67,6 +67,16 @@ def make_augment(cfg: Config) -> Augment | None:
     return Augment(crop_pad=pad, pad_mode=mode, flip=flip)
 
 
+def _lookahead(loader):
+    """Yield (batch, sample ids of the next batch or None): lets a method post messages early."""
+    it = iter(loader)
+    cur = next(it, None)
+    while cur is not None:
+        nxt = next(it, None)
+        yield cur, (nxt.idx if nxt is not None else None)
+        cur = nxt
+
+
 def _progress_enabled(cfg: Config) -> bool:
     if cfg.run.progress == "on":
         return True
@@ -89,6 +99,8 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
                       dropout=cfg.model.dropout, norm=cfg.model.norm)
     n_params = count_parameters(net)
     method = method_cls(cfg, info, net)
+    method.prepare(train_set)
+    del net  # layer-parallel methods keep only their stage
     owner = info.rank == method.log_rank
 
     replicas, replica = method.sampler_layout()
@@ -127,15 +139,21 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
         phase = method.phase(epoch)
         loader.set_epoch(epoch)
         loader.augment_enabled = method.uses_augmentation(phase)
+        t_begin = time.perf_counter()
+        extra = method.begin_epoch(epoch, phase)  # e.g. aux-state re-initialization
+        reinit_time = sum(extra.values())
+        for name, secs in extra.items():
+            phase_times[name] = phase_times.get(name, 0.0) + secs
+        train_time += time.perf_counter() - t_begin
         # Device accumulators: summed here, read once per epoch (no sync per step).
         loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
         correct = torch.zeros((), dtype=torch.float64, device=info.device)
         seen = 0
         t0 = time.perf_counter()
-        for i, batch in enumerate(loader):
+        for i, (batch, next_idx) in enumerate(_lookahead(loader)):
             lr = lr_at(cfg.optim, epoch + i / steps_per_epoch, epochs)
             method.set_lr(lr)
-            out = method.train_step(batch, phase)
+            out = method.train_step(batch, phase, next_idx)
             loss_sum += out.loss.double() * out.count
             correct += out.correct.double()
             seen += out.count
@@ -159,8 +177,9 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
         loss_total, correct_total, seen_total = stats.tolist()
         train_loss = loss_total / max(seen_total, 1)
         train_acc = correct_total / max(seen_total, 1)
-        if method.log_rank == info.rank or method.reduce_train_stats:
-            _nan_guard(train_loss, epoch, step, cfg, every_rank=method.reduce_train_stats)
+        # Every rank guards its own loss (CE or penalty); data-parallel ranks share one.
+        _nan_guard(train_loss, epoch, step, cfg, every_rank=method.reduce_train_stats)
+        extras = method.epoch_metrics()  # collective
 
         test_loss = test_acc = None
         if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs:
@@ -182,10 +201,15 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
         if owner:
             metrics.epoch(epoch=epoch + 1, step=step, phase=phase, lr=lr, train_loss=train_loss,
                           train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
-                          epoch_time_s=dt, train_time_s=train_time, comm_bytes=method.comm_bytes())
+                          epoch_time_s=dt, train_time_s=train_time, comm_bytes=method.comm_bytes(),
+                          reinit_time_s=reinit_time, **extras)
             test_txt = f" test {100 * test_acc:5.2f}%" if test_acc is not None else ""
+            coupling_txt = ""
+            if extras.get("residual"):
+                coupling_txt = (f" beta {extras['beta']:.3g} residual "
+                                + "/".join(f"{r:.3g}" for r in extras["residual"]))
             msg = (f"epoch {epoch + 1:>3}/{epochs} [{phase}] loss {train_loss:.4f} "
-                   f"train {100 * train_acc:5.2f}%{test_txt} lr {lr:.4g} {dt:.1f}s")
+                   f"train {100 * train_acc:5.2f}%{test_txt} lr {lr:.4g}{coupling_txt} {dt:.1f}s")
             if bar.disable:
                 log.info(msg)
             else:
@@ -198,7 +222,8 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
     mem_slots = [0.0] * info.world_size
     mem_slots[info.rank] = float(peak_memory_bytes(info.device))
     mem_per_rank = [int(v) for v in reduce_floats(info, mem_slots)]
-    state = method.model_state()
+    state = method.model_state()  # collective for layer-parallel methods
+    extras = method.summary_extras()  # collective
     summary = {
         "method": cfg.run.method, "model": cfg.model.name, "dataset": cfg.data.dataset,
         "world_size": info.world_size, "stages": cfg.dist.stages, "split": list(cfg.dist.split),
@@ -210,7 +235,9 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
         "peak_memory_bytes": max(mem_per_rank), "peak_memory_bytes_per_rank": mem_per_rank,
         "torch_version": torch.__version__, "device": str(info.device), "backend": info.backend,
         "threads": torch.get_num_threads(), "seed": cfg.run.seed, "params": n_params,
+        "aux_store_bytes": 0,
     }
+    summary.update(extras)
     if owner:
         if state is not None:
             checkpoint.save_tensors(state, run_dir / "model.pt")

@@ -7,12 +7,15 @@ One file per method. ``get_method(name)`` maps ``--method`` to its class; a new 
 from __future__ import annotations
 
 from auxpar.coupling.base import Method, StepOut
+from auxpar.coupling.layer_parallel import AugmentedLagrangianMethod, PenaltyMethod
 from auxpar.coupling.serial import DDPMethod, SerialMethod
 from auxpar.errors import ConfigError
 
 _REGISTRY: dict[str, type[Method]] = {
     "serial": SerialMethod,
     "ddp": DDPMethod,
+    "penalty": PenaltyMethod,
+    "al": AugmentedLagrangianMethod,
 }
 
 
@@ -23,4 +26,5 @@ def get_method(name: str) -> type[Method]:
         raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(_REGISTRY)}") from None
 
 
-__all__ = ["Method", "StepOut", "SerialMethod", "DDPMethod", "get_method"]
+__all__ = ["Method", "StepOut", "SerialMethod", "DDPMethod", "PenaltyMethod", "AugmentedLagrangianMethod",
+           "get_method"]

@@ -64,11 +64,22 @@ class Method:
     def uses_augmentation(self, phase: str) -> bool:
         return True
 
+    # -- set-up and per-epoch hooks -------------------------------------------------------
+    def prepare(self, train_set) -> None:
+        """Called once with the training set (layer-parallel methods size their aux store here)."""
+
+    def begin_epoch(self, epoch: int, phase: str) -> dict[str, float]:
+        """Called before an epoch's first step; returns {phase_name: seconds} of extra work done
+        (e.g. {"reinit": 1.2} for an aux-state re-initialization), which counts as training time."""
+        return {}
+
     # -- training -----------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
         raise NotImplementedError
 
-    def train_step(self, batch, phase: str) -> StepOut:
+    def train_step(self, batch, phase: str, next_idx=None) -> StepOut:
+        """One step on ``batch``; ``next_idx`` (sample ids of the next batch of this epoch, or None)
+        lets a method post communication for the next step early."""
         raise NotImplementedError
 
     def end_epoch(self, epoch: int) -> None:
@@ -85,6 +96,14 @@ class Method:
     def comm_bytes(self) -> int:
         """Bytes this rank sent to other ranks so far."""
         return 0
+
+    def epoch_metrics(self) -> dict:
+        """Extra per-epoch record fields (a collective: every rank calls it)."""
+        return {}
+
+    def summary_extras(self) -> dict:
+        """Extra summary.json fields (a collective: every rank calls it)."""
+        return {}
 
     def model_state(self) -> dict | None:
         """The whole network's state_dict on ``log_rank`` (None elsewhere), for model.pt / export."""

@@ -56,7 +56,7 @@ class SerialMethod(Method):
         for g in self.opt.param_groups:
             g["lr"] = lr
 
-    def train_step(self, batch, phase):
+    def train_step(self, batch, phase, next_idx=None):
         self.model.train()
         logits = self.model(batch.x)
         loss = F.cross_entropy(logits, batch.y)

@@ -1,0 +1,471 @@
+"""Layer-parallel training with auxiliary-variable coupling: ``--method penalty`` and ``--method al``.
+
+One stage per rank (K = world size). A parallel-phase step on rank k, batch ids B::
+
+    input  = x[B] (k = 0)  or  U(z_k[B])                         # N x C x H x W
+    out    = F_k(input)
+    loss   = (beta/2) mean_i ||D(out_i) - t_{k+1,i}||^2 / n_{k+1}  (k < K-1)   or   CE(out, y)  (k = K-1)
+    backward, optimizer step                                      # all ranks at the same time
+    exchange: t_k[B] down to k-1 (posted one step early), o_{k+1} = D(out) up to k+1 (right after forward)
+    aux update of z_k[B] (and mu_k[B]) with o_k from k-1, applied after this rank's compute
+
+Definitions and deviations from algorithms.md, all deliberate:
+
+* ``rho`` is beta, normalized per element: beta_k = rho / n_k, n_k the values of one stored state
+  at boundary k. Every per-sample formula of §3 holds with beta_k. Default aux step eta_z =
+  1/beta_k, which makes stage k-1's penalty gradient equal the (one-step stale) backprop gradient.
+* dL_k/dz_k is the per-sample, sum-reduced input gradient (batch-mean gradient x |B|).
+* AL: mu <- (1 - mu_damping) mu + beta_k (o - z_new); multipliers are reset when the aux states
+  are re-initialized (``mu_reset``), which bounds their build-up to one parallel phase.
+* Re-initialization: z_{k+1} = D(F_k(U(z_k))) in id order over the un-augmented training set,
+  BatchNorm in train mode (batch statistics, as in training; running statistics are updated
+  as in a training forward), dropout off. The input of stage k is U of the *stored* (rounded)
+  z, so the residuals are exactly 0 right after a re-initialization, in any storage dtype.
+
+BatchNorm: every stage keeps its own BN layers. Parallel phase: stage k normalizes with the
+batch statistics of its own input (x or U(z_k)) and updates its running statistics from it.
+Serial phase: the true activations flow through, so running statistics track the real
+network. Re-initialization: train-mode pass, updates running statistics once more from clean
+data. Evaluation: running statistics (eval mode), layer-serial through all stages, no DS.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from auxpar.coupling.aux_store import DTYPES, AuxStore
+from auxpar.coupling.base import Method, StepOut
+from auxpar.coupling.comm import TAG_ACT, TAG_EVAL, TAG_GRAD, TAG_INIT, TAG_OUTPUT, TAG_TARGET, Neighbours
+from auxpar.coupling.ds import DSFilter
+from auxpar.coupling.serial import make_sgd
+from auxpar.distributed import all_reduce_
+from auxpar.errors import DistributedError
+from auxpar.schedule import beta_at, parse_phases, phase_at
+
+
+def aux_update(rule: str, z: torch.Tensor, o: torch.Tensor, g: torch.Tensor, mu: torch.Tensor | None,
+               beta: float, aux_lr: float = 0.0, damping: float = 0.0):
+    """One aux-state (and multiplier) update, per sample; returns (z_new, mu_new or None).
+
+    z: current states, o = F_{k-1}(z_{k-1}) from the stage below, g = per-sample sum-reduced
+    dL_k/dz_k, mu: multipliers (None for the pure penalty), beta: per-element beta_k.
+
+    * gradient: z - eta (beta (z - o) - mu + g), eta = aux_lr or 1/beta
+    * prox:     (beta o + mu + z/tau - g) / (beta + 1/tau), tau = aux_lr or 1/beta
+    * forward:  o
+    then mu_new = (1 - damping) mu + beta (o - z_new).
+    """
+    mu_ = mu if mu is not None else torch.zeros_like(z)
+    if rule == "gradient":
+        eta = aux_lr if aux_lr > 0 else 1.0 / beta
+        z_new = z - eta * (beta * (z - o) - mu_ + g)
+    elif rule == "prox":
+        inv_tau = 1.0 / (aux_lr if aux_lr > 0 else 1.0 / beta)
+        z_new = (beta * o + mu_ + inv_tau * z - g) / (beta + inv_tau)
+    elif rule == "forward":  # drops the downstream term: a baseline, no learning signal upstream
+        z_new = o.clone()
+    else:
+        raise ValueError(f"unknown aux update rule {rule!r}")
+    mu_new = None if mu is None else (1.0 - damping) * mu + beta * (o - z_new)
+    return z_new, mu_new
+
+
+class LayerSerialExecutor:
+    """The serial phase over the same K ranks: activations forward, gradients back, one batch at a time.
+
+    This is ordinary backprop of the whole network, split across ranks; the result equals
+    serial training (same batch, same augmentation). The small interface (``train_step``) is
+    where a micro-batched pipeline executor plugs in.
+    """
+
+    name = "layer"
+
+    def __init__(self, method: "LayerParallelMethod"):
+        self.m = method
+
+    def train_step(self, batch) -> StepOut:
+        m, nb, k, K = self.m, self.m.nb, self.m.k, self.m.K
+        b = batch.y.numel()
+        m.stage.train()
+        if k == 0:
+            inp = batch.x
+        else:
+            inp = nb.recv((b, *m.stage.in_shape), torch.float32, m.device, k - 1, TAG_ACT)
+            inp.requires_grad_(True)
+        t0 = time.perf_counter()
+        out = m.stage(inp)
+        if k < K - 1:
+            m.time_compute += time.perf_counter() - t0
+            nb.send(out.detach(), k + 1, TAG_ACT)
+            grad = nb.recv((b, *m.stage.out_shape), torch.float32, m.device, k + 1, TAG_GRAD)
+            t0 = time.perf_counter()
+            m.opt.zero_grad(set_to_none=True)
+            out.backward(grad)
+            loss = torch.zeros((), device=m.device)
+            correct = torch.zeros((), dtype=torch.long, device=m.device)
+        else:
+            loss = F.cross_entropy(out, batch.y)
+            m.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            loss = loss.detach()
+            correct = (out.detach().argmax(1) == batch.y).sum()
+        m.time_compute += time.perf_counter() - t0
+        if k > 0:
+            nb.send(inp.grad, k - 1, TAG_GRAD)
+        t0 = time.perf_counter()
+        m.clip_and_step()
+        m.time_compute += time.perf_counter() - t0
+        return StepOut(loss, correct, b)
+
+
+class LayerParallelMethod(Method):
+    name = "penalty"
+    multipliers = False
+
+    def __init__(self, cfg, info, net):
+        super().__init__(cfg, info, net)
+        c = cfg.coupling
+        self.K, self.k = cfg.dist.stages, info.rank
+        self.device = info.device
+        # Build-then-slice: the whole net came from one seed; keep this rank's stage only.
+        stages = net.partition(self.K, cfg.dist.split or None)
+        for s in stages[:-1]:  # every rank checks every boundary, so all ranks fail alike
+            DSFilter(s.out_shape, c.ds_factor, c.ds_mode, c.upsample, where=f"boundary {s.index + 1}")
+        self.stage = stages[self.k].to(self.device)
+        self.block_range = self.stage.block_range
+        self.net = None
+        self.opt = make_sgd(self.stage.parameters(), cfg)
+        self.nb = Neighbours(info.rank, info.world_size)
+        self.log_rank = self.K - 1  # the last stage owns the loss and the accuracy
+        self.send_dtype = DTYPES[c.aux_dtype]
+        self.ds_in = (DSFilter(self.stage.in_shape, c.ds_factor, c.ds_mode, c.upsample,
+                               where=f"boundary {self.k} (input of stage {self.k})") if self.k > 0 else None)
+        self.ds_out = (DSFilter(self.stage.out_shape, c.ds_factor, c.ds_mode, c.upsample,
+                                where=f"boundary {self.k + 1} (output of stage {self.k})")
+                       if self.k < self.K - 1 else None)
+        self.phases = parse_phases(c.schedule)
+        self.executor = LayerSerialExecutor(self)
+        self.beta = c.rho
+        self.store: AuxStore | None = None
+        self.train_set = None
+        self.stale = True  # aux states must be (re-)initialized before the next parallel step
+        self.time_compute = 0.0
+        self._posted: dict[int, dict] = {}
+        self._j = 0
+        self._epoch_acc = self._zero_acc()
+
+    # ---- layout -------------------------------------------------------------------------
+    @classmethod
+    def check_layout(cls, cfg, info):
+        K = cfg.dist.stages
+        if K < 2:
+            raise DistributedError(
+                f"--method {cfg.run.method} couples K >= 2 stages, but --stages {K} was given; "
+                "use --stages 2 or more (one process per stage), or --method serial"
+            )
+        if info.world_size != K:
+            raise DistributedError(
+                f"--stages {K} needs exactly {K} processes (one per stage), but {info.world_size} were started; "
+                f"use --nproc {K} or torchrun --nproc_per_node={K}"
+            )
+
+    def phase(self, epoch):
+        return phase_at(self.phases, epoch)
+
+    def uses_augmentation(self, phase):
+        # Aux states belong to one fixed version of each sample: no augmentation in parallel phases.
+        return phase == "serial"
+
+    # ---- set-up and per-epoch hooks -------------------------------------------------------
+    def prepare(self, train_set) -> None:
+        self.train_set = train_set
+        if self.k > 0:
+            c = self.cfg.coupling
+            self.store = AuxStore(len(train_set), self.ds_in.shape, dtype=c.aux_dtype,
+                                  placement=c.aux_device, device=self.device, multipliers=self.multipliers)
+
+    def begin_epoch(self, epoch: int, phase: str) -> dict[str, float]:
+        self.beta = beta_at(self.cfg.coupling, epoch)
+        self._j = 0
+        self._epoch_acc = self._zero_acc()
+        spent = {}
+        if phase == "parallel" and self.stale:
+            t0 = time.perf_counter()
+            self.reinitialize()
+            spent["reinit"] = time.perf_counter() - t0
+        if phase == "serial":
+            self.stale = True  # the parameters move: the states no longer match F
+        return spent
+
+    def end_epoch(self, epoch):
+        self.nb.reap_sends(block=True)
+        super().end_epoch(epoch)
+
+    # per-element beta of the boundary this rank reads (in) and the one it writes (out)
+    @property
+    def beta_in(self) -> float:
+        return self.beta / self.ds_in.numel
+
+    @property
+    def beta_out(self) -> float:
+        return self.beta / self.ds_out.numel
+
+    # ---- aux-state (re)initialization: one serial forward pass ----------------------------
+    @torch.no_grad()
+    def reinitialize(self) -> None:
+        """z_{k+1} <- D(F_k(U(z_k))) over the un-augmented training set, in id order; mu reset."""
+        from auxpar.data import eval_batches
+
+        self.stage.train()
+        dropouts = [mod for mod in self.stage.modules() if isinstance(mod, torch.nn.Dropout)]
+        for mod in dropouts:
+            mod.eval()
+        bs = self.cfg.data.batch_size
+        for i, batch in enumerate(eval_batches(self.train_set, bs, self.device)):
+            b = batch.y.numel()
+            t0 = time.perf_counter()
+            if self.k == 0:
+                inp = batch.x
+            else:
+                o = self.nb.recv((b, *self.ds_in.shape), self.send_dtype, self.device, self.k - 1, TAG_INIT)
+                self.store.put_z(batch.idx, o)
+                inp = self.ds_in.up(self.store.get_z(batch.idx))
+            out = self.stage(inp) if self.k < self.K - 1 else None
+            self.time_compute += time.perf_counter() - t0
+            if out is not None:
+                self.nb.isend(self.ds_out.down(out).to(self.send_dtype), self.k + 1, TAG_INIT)
+                if i % 4 == 3:
+                    self.nb.reap_sends()
+        self.nb.reap_sends(block=True)
+        for mod in dropouts:
+            mod.train()
+        if self.store is not None and self.cfg.coupling.mu_reset:
+            self.store.reset_mu()
+        self.stale = False
+
+    # ---- training steps -------------------------------------------------------------------
+    def set_lr(self, lr):
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def clip_and_step(self) -> None:
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.stage.parameters(), self.cfg.optim.grad_clip)
+        self.opt.step()
+
+    def train_step(self, batch, phase, next_idx=None):
+        if phase == "serial":
+            return self.executor.train_step(batch)
+        return self._parallel_step(batch, next_idx)
+
+    def _post(self, idx: torch.Tensor, j: int) -> None:
+        """Post step j's messages: send t_k[B] down, receive t_{k+1}[B] and o_k[B]."""
+        b = idx.numel()
+        rec = {}
+        if self.k > 0:
+            z = self.store.get_z(idx)
+            mu = self.store.get_mu(idx)
+            t = z if mu is None else z - mu / self.beta_in
+            self.nb.isend(t.to(self.send_dtype), self.k - 1, TAG_TARGET + j % 2)
+            rec["o"] = self.nb.irecv((b, *self.ds_in.shape), self.send_dtype, self.device, self.k - 1,
+                                     TAG_OUTPUT + j % 2)
+        if self.k < self.K - 1:
+            rec["t"] = self.nb.irecv((b, *self.ds_out.shape), self.send_dtype, self.device, self.k + 1,
+                                     TAG_TARGET + j % 2)
+        self._posted[j] = rec
+
+    def _parallel_step(self, batch, next_idx):
+        j, k, K, nb = self._j, self.k, self.K, self.nb
+        if j not in self._posted:
+            self._post(batch.idx, j)
+        if next_idx is not None:
+            self._post(next_idx, j + 1)  # early: t for the next batch is known before this compute
+        rec = self._posted.pop(j)
+        acc = self._epoch_acc
+        t0 = time.perf_counter()
+        self.stage.train()
+        if k == 0:
+            inp = zb = batch.x
+        else:
+            zb = self.store.get_z(batch.idx).requires_grad_(True)  # N x C x H/s x W/s
+            inp = self.ds_in.up(zb)
+        out = self.stage(inp)
+        if k < K - 1:
+            o = self.ds_out.down(out)  # N x C' x H'/s x W'/s
+            self.time_compute += time.perf_counter() - t0
+            nb.isend(o.detach().to(self.send_dtype), k + 1, TAG_OUTPUT + j % 2)
+            work, tbuf = rec["t"]
+            nb.wait(work)
+            t0 = time.perf_counter()
+            sq = (o - tbuf.float()).pow(2).flatten(1).sum(1)  # per-sample ||o - t||^2
+            loss = 0.5 * self.beta_out * sq.mean()
+            correct = torch.zeros((), dtype=torch.long, device=self.device)
+            acc["penalty"] += loss.detach()
+        else:
+            loss = F.cross_entropy(out, batch.y)
+            correct = (out.detach().argmax(1) == batch.y).sum()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.clip_and_step()
+        self.time_compute += time.perf_counter() - t0
+        acc["steps"] += 1
+        if k > 0:
+            work, obuf = rec["o"]
+            nb.wait(work)
+            t0 = time.perf_counter()
+            # Per-sample, sum-reduced input gradient of this stage's own loss.
+            g = zb.grad * batch.y.numel()
+            self._update_aux(batch.idx, zb.detach(), obuf.float(), g)
+            self.time_compute += time.perf_counter() - t0
+        nb.reap_sends()
+        self._j += 1
+        return StepOut(loss.detach(), correct, batch.y.numel())
+
+    @torch.no_grad()
+    def _update_aux(self, idx, z, o, g) -> None:
+        """Aux-state and multiplier update at boundary k for the samples idx (algorithms.md §3)."""
+        c = self.cfg.coupling
+        mu = self.store.get_mu(idx)
+        acc = self._epoch_acc
+        acc["residual"] += (o - z).flatten(1).norm(dim=1).sum()
+        acc["samples"] += z.shape[0]
+        z_new, mu_new = aux_update(c.aux_update, z, o, g, mu, self.beta_in, c.aux_lr, c.mu_damping)
+        self.store.put_z(idx, z_new)
+        if mu_new is not None:
+            self.store.put_mu(idx, mu_new)
+
+    # ---- evaluation: layer-serial forward, no DS, running BN statistics ---------------------
+    @torch.no_grad()
+    def evaluate(self, batches):
+        k, K, nb = self.k, self.K, self.nb
+        self.stage.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        count = 0
+        for i, b in enumerate(batches):
+            n = b.y.numel()
+            inp = b.x if k == 0 else nb.recv((n, *self.stage.in_shape), torch.float32, self.device,
+                                            k - 1, TAG_EVAL, count="eval")
+            out = self.stage(inp)
+            if k < K - 1:
+                nb.isend(out, k + 1, TAG_EVAL, count="eval")
+                if i % 4 == 3:
+                    nb.reap_sends()
+            else:
+                loss_sum += F.cross_entropy(out, b.y, reduction="sum")
+                correct += (out.argmax(1) == b.y).sum()
+                count += n
+        nb.reap_sends(block=True)
+        return loss_sum, correct, count
+
+    # ---- accounting -----------------------------------------------------------------------
+    def _zero_acc(self) -> dict:
+        z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
+        return {"residual": z(), "samples": 0, "penalty": z(), "steps": 0}
+
+    def comm_bytes(self):
+        """Training traffic (parallel steps, re-initialization, serial phase); evaluation apart."""
+        return self.nb.bytes_sent
+
+    def epoch_metrics(self) -> dict:
+        """Per-boundary and per-rank numbers of the epoch (a collective: every rank calls it)."""
+        K, k, acc = self.K, self.k, self._epoch_acc
+        t = torch.zeros(6, K, dtype=torch.float64, device=self.device)
+        if k > 0 and acc["samples"]:
+            t[0, k] = acc["residual"] / acc["samples"]
+        if k < K - 1 and acc["steps"]:
+            t[1, k + 1] = acc["penalty"] / acc["steps"]
+        if self.store is not None:
+            t[2, k] = self.store.mean_mu_norm()
+        t[3, k], t[4, k], t[5, k] = self.time_compute, self.nb.time_comm, self.nb.time_wait
+        all_reduce_(self.info, t)
+        rows = t.tolist()
+        ran_parallel = acc["steps"] > 0
+        return {
+            "beta": self.beta,
+            # boundary k = 1..K-1 (index 0 of each list is boundary 1)
+            "residual": rows[0][1:] if ran_parallel else None,
+            "penalty": rows[1][1:] if ran_parallel else None,
+            "mu_norm": rows[2][1:] if self.multipliers else None,
+            "time_compute_s": rows[3], "time_comm_s": rows[4], "time_wait_s": rows[5],
+        }
+
+    def summary_extras(self) -> dict:
+        t = torch.tensor([float(self.store.nbytes if self.store is not None else 0)], dtype=torch.float64,
+                         device=self.device)
+        all_reduce_(self.info, t)
+        m = self.epoch_metrics()
+        return {
+            "aux_store_bytes": int(t.item()), "ds_factor": self.cfg.coupling.ds_factor,
+            "rho": self.cfg.coupling.rho, "final_beta": self.beta, "schedule": self.cfg.coupling.schedule,
+            "serial_executor": self.executor.name, "eval_comm_bytes": self._eval_bytes_total(),
+            "time_compute_s": m["time_compute_s"], "time_comm_s": m["time_comm_s"],
+            "time_wait_s": m["time_wait_s"],
+        }
+
+    def _eval_bytes_total(self) -> int:
+        t = torch.tensor([float(self.nb.bytes_sent_eval)], dtype=torch.float64, device=self.device)
+        all_reduce_(self.info, t)
+        return int(t.item())
+
+    # ---- state ----------------------------------------------------------------------------
+    def _global_stage_state(self) -> dict:
+        """This stage's state_dict with the whole network's key names (blocks renumbered)."""
+        start = self.block_range[0]
+        out = {}
+        for key, v in self.stage.state_dict().items():
+            if key.startswith("blocks."):
+                _, i, rest = key.split(".", 2)
+                key = f"blocks.{start + int(i)}.{rest}"
+            out[key] = v.detach().cpu()
+        return out
+
+    def model_state(self):
+        """Gather every stage's tensors on the last rank (p2p, tensors only) as one state_dict."""
+        import torch.distributed as tdist
+
+        mine = self._global_stage_state()
+        if self.k != self.log_rank:
+            tdist.send_object_list([{key: v.shape for key, v in mine.items()}], dst=self.log_rank)
+            for v in mine.values():
+                tdist.send(v.contiguous(), dst=self.log_rank)
+            return None
+        full = {}
+        for src in range(self.K - 1):
+            meta = [None]
+            tdist.recv_object_list(meta, src=src)
+            for key, shape in meta[0].items():
+                like = mine.get(key)
+                buf = torch.empty(shape, dtype=self._dtype_for(key, like))
+                tdist.recv(buf, src=src)
+                full[key] = buf
+        full.update(mine)
+        return full
+
+    @staticmethod
+    def _dtype_for(key, like):
+        return torch.long if key.endswith("num_batches_tracked") else torch.float32
+
+    def state_dict(self):
+        return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(), "beta": self.beta,
+                "stale": self.stale, "aux": self.store.state_dict() if self.store is not None else None}
+
+    def load_state_dict(self, state):
+        self.stage.load_state_dict(state["stage"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.beta, self.stale = state["beta"], state["stale"]
+        if self.store is not None and state.get("aux") is not None:
+            self.store.load_state_dict(state["aux"])
+
+
+class PenaltyMethod(LayerParallelMethod):
+    name = "penalty"
+    multipliers = False
+
+
+class AugmentedLagrangianMethod(LayerParallelMethod):
+    name = "al"
+    multipliers = True
