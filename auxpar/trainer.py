@@ -29,7 +29,7 @@ from auxpar.config import Config, config_to_toml
 from auxpar.coupling import get_method
 from auxpar.data import Augment, BatchLoader, IndexSampler, default_augment, eval_batches, load_dataset
 from auxpar.distributed import DistInfo, all_reduce_, barrier, reduce_floats
-from auxpar.errors import TrainingError
+from auxpar.errors import ConfigError, TrainingError
 from auxpar.metrics import MetricsWriter, peak_memory_bytes
 from auxpar.models import build_model, count_parameters
 from auxpar.schedule import lr_at
@@ -111,15 +111,21 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
             f"--batch-size {cfg.data.batch_size} is larger than the training set ({len(train_set)} samples), "
             "so an epoch has no full batch; use a smaller --batch-size"
         )
+    # One augmentation stream for the global batch (each replica applies its slice), so DDP
+    # sees exactly the crops and flips a single process would.
     loader = BatchLoader(train_set, sampler, device=info.device, augment=make_augment(cfg),
-                         generator_seed=cfg.run.seed + 1000 * replica)
+                         generator_seed=cfg.run.seed)
 
     # ---- run directory (owner rank only)
     run_dir = cfg.run_dir()
     metrics = MetricsWriter(None)
     if owner:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text(config_to_toml(cfg.resolved()), run_dir / "config.toml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text(config_to_toml(cfg.resolved()), run_dir / "config.toml")
+        except OSError as exc:
+            raise ConfigError(f"cannot write the run directory {run_dir} ({exc.strerror}); "
+                              "choose a writable --out") from None
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         metrics = MetricsWriter(run_dir / "metrics.jsonl")
         log.info("run %s: %s %s on %s, %s parameters, %d rank(s), device %s, %d thread(s)",
@@ -180,6 +186,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
         # Every rank guards its own loss (CE or penalty); data-parallel ranks share one.
         _nan_guard(train_loss, epoch, step, cfg, every_rank=method.reduce_train_stats)
         extras = method.epoch_metrics()  # collective
+        comm_now = int(reduce_floats(info, [float(method.comm_bytes())])[0])  # all ranks, cumulative
 
         test_loss = test_acc = None
         if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs:
@@ -201,7 +208,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
         if owner:
             metrics.epoch(epoch=epoch + 1, step=step, phase=phase, lr=lr, train_loss=train_loss,
                           train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
-                          epoch_time_s=dt, train_time_s=train_time, comm_bytes=method.comm_bytes(),
+                          epoch_time_s=dt, train_time_s=train_time, comm_bytes=comm_now,
                           reinit_time_s=reinit_time, **extras)
             test_txt = f" test {100 * test_acc:5.2f}%" if test_acc is not None else ""
             coupling_txt = ""

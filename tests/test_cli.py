@@ -144,3 +144,10 @@ def test_console_script_is_installed():
         pytest.skip("package not installed with pip (console script absent)")
     res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "train" in res.stdout
+
+
+def test_unwritable_run_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    res = run_cli("train", *SMALL, "--out", str(blocker / "run"))
+    _one_error(res, 2, "cannot write the run directory", "--out")

@@ -47,7 +47,7 @@ from auxpar.schedule import beta_at, parse_phases, phase_at
 
 
 def aux_update(rule: str, z: torch.Tensor, o: torch.Tensor, g: torch.Tensor, mu: torch.Tensor | None,
-               beta: float, aux_lr: float = 0.0, damping: float = 0.0):
+               beta: float, aux_lr: float = 0.0, damping: float = 0.0, mu_first: bool = False):
     """One aux-state (and multiplier) update, per sample; returns (z_new, mu_new or None).
 
     z: current states, o = F_{k-1}(z_{k-1}) from the stage below, g = per-sample sum-reduced
@@ -57,7 +57,16 @@ def aux_update(rule: str, z: torch.Tensor, o: torch.Tensor, g: torch.Tensor, mu:
     * prox:     (beta o + mu + z/tau - g) / (beta + 1/tau), tau = aux_lr or 1/beta
     * forward:  o
     then mu_new = (1 - damping) mu + beta (o - z_new).
+
+    ``mu_first`` (AL only) swaps the order: mu_new = (1 - damping) mu + beta (o - z) from the
+    current residual, then the z step with mu_new. With eta = 1/beta the target sent upstream is
+    then t = z_new - mu_new/beta = o - g/beta at every step (the penalty's target), while the
+    stage input z_new = o + (mu_new - g)/beta stays close to o once mu has tracked g.
     """
+    if mu is not None and mu_first:
+        mu = (1.0 - damping) * mu + beta * (o - z)
+        z_new, _ = aux_update(rule, z, o, g, mu, beta, aux_lr)
+        return z_new, mu
     mu_ = mu if mu is not None else torch.zeros_like(z)
     if rule == "gradient":
         eta = aux_lr if aux_lr > 0 else 1.0 / beta
@@ -332,7 +341,8 @@ class LayerParallelMethod(Method):
         acc = self._epoch_acc
         acc["residual"] += (o - z).flatten(1).norm(dim=1).sum()
         acc["samples"] += z.shape[0]
-        z_new, mu_new = aux_update(c.aux_update, z, o, g, mu, self.beta_in, c.aux_lr, c.mu_damping)
+        z_new, mu_new = aux_update(c.aux_update, z, o, g, mu, self.beta_in, c.aux_lr, c.mu_damping,
+                                   mu_first=c.mu_order == "before")
         self.store.put_z(idx, z_new)
         if mu_new is not None:
             self.store.put_mu(idx, mu_new)

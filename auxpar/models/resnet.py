@@ -122,7 +122,36 @@ class Head(nn.Module):
 
 
 # ---------------------------------------------------------------------- blocks
-class BasicBlock(nn.Module):
+class _OptionABlock(nn.Module):
+    """Shared part of the CIFAR ResNet blocks: option-A shortcut, step h, ``merge(shortcut + h r)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.is_transition = stride != 1 or in_channels != out_channels
+        self.step: float = 1.0
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return option_a_shortcut(x, self.out_channels, self.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)
+        r = self.residual(x)
+        if self.step != 1.0:
+            r = self.step * r
+        return self.merge(self.shortcut(x) + r)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}->{self.out_channels}, stride={self.stride}, step={self.step}"
+
+
+class BasicBlock(_OptionABlock):
     """Post-activation ("v1") block: ``relu(shortcut(x) + h * bn2(conv2(relu(bn1(conv1(x))))))``.
 
     Because of the outer ReLU this block is not exactly ``x + h f(x)``; ``residual`` and
@@ -130,10 +159,7 @@ class BasicBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.is_transition = stride != 1 or in_channels != out_channels
-        self.step: float = 1.0
+        super().__init__(in_channels, out_channels, stride)
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn1 = make_norm(out_channels, norm)
         self.conv2 = conv3x3(out_channels, out_channels)
@@ -142,28 +168,15 @@ class BasicBlock(nn.Module):
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
 
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return option_a_shortcut(x, self.out_channels, self.stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)
-        r = self.residual(x)
-        if self.step != 1.0:
-            r = self.step * r
-        return F.relu(self.shortcut(x) + r)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}->{self.out_channels}, stride={self.stride}, step={self.step}"
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        return F.relu(y)
 
 
-class PreActBlock(nn.Module):
+class PreActBlock(_OptionABlock):
     """Pre-activation block: ``shortcut(x) + h * conv2(relu(bn2(conv1(relu(bn1(x))))))``."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.is_transition = stride != 1 or in_channels != out_channels
-        self.step: float = 1.0
+        super().__init__(in_channels, out_channels, stride)
         self.bn1 = make_norm(in_channels, norm)
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn2 = make_norm(out_channels, norm)
@@ -171,19 +184,6 @@ class PreActBlock(nn.Module):
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
-
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return option_a_shortcut(x, self.out_channels, self.stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)
-        r = self.residual(x)
-        if self.step != 1.0:
-            r = self.step * r
-        return self.shortcut(x) + r
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}->{self.out_channels}, stride={self.stride}, step={self.step}"
 
 
 # ---------------------------------------------------------------------- builders

@@ -1,0 +1,110 @@
+"""Parallel-phase speed, communication per step and aux-store memory, measured side by side.
+
+    python experiments/bench_parallel.py               # 3 interleaved repeats, ~3 minutes on 2 cores
+    python experiments/bench_parallel.py --repeats 5 --model resnet20 --batch-size 128
+
+1. Time per training step of the parallel phase with K = 2 processes of 1 thread each
+   (``--method penalty --schedule parallel``) against serial backprop in 1 process of 1 thread,
+   on the same model, batch and synthetic 3x32x32 data, with the default (FLOP-balanced) split.
+   The first epoch of every run is warm-up and is not timed; runs of the two methods alternate
+   so that drift of a shared machine hits both alike. Prints the median ratio.
+2. Bytes exchanged per parallel step (all ranks) for DS factors s = 1, 2, 4, read from the
+   runs' metrics.jsonl (the difference of the cumulative counters of two epochs).
+3. Aux-store memory of the WRN-28-10 / CIFAR-100 configs at K = 4, from ``auxpar plan``.
+
+Synthetic data: speed only, never accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(out: Path, *args: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "auxpar", "train", "--out", str(out), "--overwrite", "--progress", "off",
+           "--threads", "1", "--lr-schedule", "constant", "--lr", "0.01", *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    with open(out / "metrics.jsonl") as fh:
+        return [r for r in map(json.loads, fh) if r["kind"] == "epoch"]
+
+
+def per_step_time(epochs: list[dict], steps_per_epoch: int) -> float:
+    timed = epochs[1:]  # epoch 1 is warm-up
+    return sum(e["epoch_time_s"] for e in timed) / (len(timed) * steps_per_epoch)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per epoch")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is warm-up)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    n_train = args.batch_size * args.steps
+
+    def data(epochs: int) -> list[str]:
+        return ["--dataset", "synthetic", "--model", args.model, "--batch-size", str(args.batch_size),
+                "--epochs", str(epochs), "--eval-every", str(epochs), "--no-augment",
+                "--set", f"data.synthetic_num_train={n_train}", "--set", "data.synthetic_num_test=128",
+                "--set", "data.synthetic_shape=[3, 32, 32]"]
+
+    tmp = Path(tempfile.mkdtemp(prefix="auxpar-bench-"))
+    ratios, t_ser, t_par = [], [], []
+    print(f"timing {args.model}, batch {args.batch_size}, {args.steps} steps x {args.epochs - 1} timed epochs, "
+          f"{args.repeats} repeats", flush=True)
+    for r in range(args.repeats):
+        s = per_step_time(train(tmp / f"serial{r}", *data(args.epochs), "--method", "serial"), args.steps)
+        p = per_step_time(train(tmp / f"par{r}", *data(args.epochs), "--method", "penalty", "--stages", "2",
+                                "--nproc", "2", "--schedule", "parallel"), args.steps)
+        t_ser.append(s)
+        t_par.append(p)
+        ratios.append(s / p)
+        print(f"  repeat {r + 1}: serial {s * 1e3:.0f} ms/step, parallel K=2 {p * 1e3:.0f} ms/step, "
+              f"speedup {s / p:.2f}x", flush=True)
+
+    print("\nbytes exchanged per parallel step (all ranks, t down + o up):")
+    comm = {}
+    for s in (1, 2, 4):
+        ep = train(tmp / f"ds{s}", *data(2), "--method", "penalty", "--stages", "2", "--nproc", "2",
+                   "--schedule", "parallel", "--ds-factor", str(s))
+        comm[s] = (ep[1]["comm_bytes"] - ep[0]["comm_bytes"]) / args.steps
+        print(f"  s={s}: {comm[s]:,.0f} bytes/step ({comm[1] / comm[s]:.1f}x less than s=1)")
+
+    sys.path.insert(0, str(ROOT))
+    from auxpar.config import build_config
+    from auxpar.plan import make_plan
+
+    plan = make_plan("wrn-28-10", build_config({"data": {"dataset": "cifar100"}}).data, 4)
+    print("\naux-store memory, WRN-28-10 / CIFAR-100, K = 4, 50,000 samples (auxpar plan):")
+    for m in plan["aux_memory"]:
+        print(f"  s={m['ds_factor']} {m['dtype']}: penalty {m['aux_bytes'] / 2**30:6.1f} GiB, "
+              f"al {m['aux_and_multiplier_bytes'] / 2**30:6.1f} GiB")
+
+    med = statistics.median(ratios)
+    print(f"\n{args.model}, batch {args.batch_size}, synthetic 3x32x32; torch {torch.__version__}, "
+          f"{platform.machine()} CPU, {os.cpu_count()} cores; {args.repeats} interleaved repeats")
+    print(f"parallel phase K=2 (2 x 1 thread) vs serial (1 x 1 thread): median speedup {med:.2f}x "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f}); "
+          f"serial {statistics.median(t_ser) * 1e3:.0f} ms/step, parallel {statistics.median(t_par) * 1e3:.0f} ms/step")
+
+
+if __name__ == "__main__":
+    main()
