@@ -24,6 +24,7 @@ FLAG_KEYS = {
     "lr": ("optim", "lr"), "momentum": ("optim", "momentum"), "weight_decay": ("optim", "weight_decay"),
     "lr_schedule": ("optim", "schedule"),
     "stages": ("dist", "stages"), "split": ("dist", "split"), "nproc": ("dist", "nproc"),
+    "balance": ("dist", "balance"),
     "backend": ("dist", "backend"), "device": ("dist", "device"),
     "rho": ("coupling", "rho"), "rho_growth": ("coupling", "rho_growth"), "rho_max": ("coupling", "rho_max"),
     "aux_update": ("coupling", "aux_update"), "aux_lr": ("coupling", "aux_lr"),
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-download", dest="no_download", action="store_true",
                    help="fail instead of downloading a missing dataset")
     t.add_argument("--nproc", type=int, metavar="N", help="start N local worker processes (gloo on CPU)")
+    t.add_argument("--balance", choices=["flops", "time"],
+                   help="default cut balanced by estimated FLOPs or by measured block time")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int, help="global batch size")
     t.add_argument("--lr", type=float, help="peak learning rate")

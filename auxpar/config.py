@@ -173,6 +173,10 @@ class DistConfig:
     """K: number of layer-parallel stages (one per rank for layer-parallel methods)."""
     split: list = field(default_factory=list)
     """Explicit blocks per stage, e.g. [4, 4, 4]; empty = balance by estimated FLOPs."""
+    balance: str = "flops"
+    """How the default cut balances stages: flops (estimated forward FLOPs at the input shape)
+    or time (rank 0 measures each block's forward+backward at the batch size on the device and
+    broadcasts the cut). Ignored when split is given."""
     nproc: int = 1
     """Start this many local worker processes (no torchrun needed). Ignored under torchrun."""
     backend: str = "auto"
@@ -192,6 +196,7 @@ class DistConfig:
                 f"dist.split has {len(self.split)} entries but dist.stages = {self.stages}; "
                 f"give one block count per stage or drop --split to balance automatically"
             )
+        _choice("dist.balance", self.balance, ("flops", "time"))
         _choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
         _choice("dist.device", self.device, ("auto", "cpu", "cuda"))
         _positive("dist.timeout_s", self.timeout_s)

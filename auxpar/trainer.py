@@ -31,7 +31,8 @@ from auxpar.data import Augment, BatchLoader, IndexSampler, default_augment, eva
 from auxpar.distributed import DistInfo, all_reduce_, barrier, reduce_floats
 from auxpar.errors import ConfigError, TrainingError
 from auxpar.metrics import MetricsWriter, peak_memory_bytes
-from auxpar.models import build_model, count_parameters
+from auxpar.models import build_model, count_parameters, partition_counts
+from auxpar.models.profile import measure_costs
 from auxpar.schedule import lr_at
 
 log = logging.getLogger("auxpar")
@@ -67,6 +68,19 @@ def make_augment(cfg: Config) -> Augment | None:
     return Augment(crop_pad=pad, pad_mode=mode, flip=flip)
 
 
+def time_balanced_split(net, cfg: Config, info: DistInfo) -> list[int]:
+    """Rank 0 times every block (forward + backward, batch size, this device); all ranks get its cut."""
+    counts = torch.zeros(cfg.dist.stages, dtype=torch.float64, device=info.device)
+    if info.rank == 0:
+        costs = measure_costs(net, cfg.data.batch_size, info.device)
+        counts += torch.tensor(partition_counts(costs, cfg.dist.stages), dtype=torch.float64)
+    all_reduce_(info, counts)  # the others contributed zeros: everyone now holds rank 0's cut
+    split = [int(c) for c in counts.tolist()]
+    if info.rank == 0:
+        log.info("time-balanced split (measured forward+backward per block): %s", ",".join(map(str, split)))
+    return split
+
+
 def _lookahead(loader):
     """Yield (batch, sample ids of the next batch or None): lets a method post messages early."""
     it = iter(loader)
@@ -98,6 +112,8 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
     net = build_model(cfg.model.name, in_channels=c, input_size=h, num_classes=train_set.num_classes,
                       dropout=cfg.model.dropout, norm=cfg.model.norm)
     n_params = count_parameters(net)
+    if cfg.dist.stages > 1 and not cfg.dist.split and cfg.dist.balance == "time":
+        cfg.dist.split = time_balanced_split(net, cfg, info)
     method = method_cls(cfg, info, net)
     method.prepare(train_set)
     del net  # layer-parallel methods keep only their stage

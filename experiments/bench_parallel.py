@@ -5,7 +5,8 @@
 
 1. Time per training step of the parallel phase with K = 2 processes of 1 thread each
    (``--method penalty --schedule parallel``) against serial backprop in 1 process of 1 thread,
-   on the same model, batch and synthetic 3x32x32 data, with the default (FLOP-balanced) split.
+   on the same model, batch and synthetic 3x32x32 data, with the default FLOP-balanced split and
+   with the time-balanced split (``--balance time``: measured forward+backward per block).
    The first epoch of every run is warm-up and is not timed; runs of the two methods alternate
    so that drift of a shared machine hits both alike. Prints the median ratio.
 2. Bytes exchanged per parallel step (all ranks) for DS factors s = 1, 2, 4, read from the
@@ -67,18 +68,21 @@ def main() -> None:
                 "--set", "data.synthetic_shape=[3, 32, 32]"]
 
     tmp = Path(tempfile.mkdtemp(prefix="auxpar-bench-"))
-    ratios, t_ser, t_par = [], [], []
+    ratios, t_ser, t_par, ratios_t, t_part = [], [], [], [], []
+    par = ["--method", "penalty", "--stages", "2", "--nproc", "2", "--schedule", "parallel"]
     print(f"timing {args.model}, batch {args.batch_size}, {args.steps} steps x {args.epochs - 1} timed epochs, "
           f"{args.repeats} repeats", flush=True)
     for r in range(args.repeats):
         s = per_step_time(train(tmp / f"serial{r}", *data(args.epochs), "--method", "serial"), args.steps)
-        p = per_step_time(train(tmp / f"par{r}", *data(args.epochs), "--method", "penalty", "--stages", "2",
-                                "--nproc", "2", "--schedule", "parallel"), args.steps)
+        p = per_step_time(train(tmp / f"par{r}", *data(args.epochs), *par), args.steps)
+        pt = per_step_time(train(tmp / f"part{r}", *data(args.epochs), *par, "--balance", "time"), args.steps)
         t_ser.append(s)
         t_par.append(p)
+        t_part.append(pt)
         ratios.append(s / p)
-        print(f"  repeat {r + 1}: serial {s * 1e3:.0f} ms/step, parallel K=2 {p * 1e3:.0f} ms/step, "
-              f"speedup {s / p:.2f}x", flush=True)
+        ratios_t.append(s / pt)
+        print(f"  repeat {r + 1}: serial {s * 1e3:.0f} ms/step; parallel K=2 FLOP-balanced {p * 1e3:.0f} ms/step "
+              f"({s / p:.2f}x), time-balanced {pt * 1e3:.0f} ms/step ({s / pt:.2f}x)", flush=True)
 
     print("\nbytes exchanged per parallel step (all ranks, t down + o up):")
     comm = {}
@@ -98,12 +102,13 @@ def main() -> None:
         print(f"  s={m['ds_factor']} {m['dtype']}: penalty {m['aux_bytes'] / 2**30:6.1f} GiB, "
               f"al {m['aux_and_multiplier_bytes'] / 2**30:6.1f} GiB")
 
-    med = statistics.median(ratios)
     print(f"\n{args.model}, batch {args.batch_size}, synthetic 3x32x32; torch {torch.__version__}, "
-          f"{platform.machine()} CPU, {os.cpu_count()} cores; {args.repeats} interleaved repeats")
-    print(f"parallel phase K=2 (2 x 1 thread) vs serial (1 x 1 thread): median speedup {med:.2f}x "
-          f"(min {min(ratios):.2f}, max {max(ratios):.2f}); "
-          f"serial {statistics.median(t_ser) * 1e3:.0f} ms/step, parallel {statistics.median(t_par) * 1e3:.0f} ms/step")
+          f"{platform.machine()} CPU, {os.cpu_count()} cores; {args.repeats} interleaved repeats; "
+          f"serial {statistics.median(t_ser) * 1e3:.0f} ms/step")
+    for label, rs, ts in (("FLOP-balanced", ratios, t_par), ("time-balanced", ratios_t, t_part)):
+        print(f"parallel phase K=2 (2 x 1 thread, {label}) vs serial (1 x 1 thread): median speedup "
+              f"{statistics.median(rs):.2f}x (min {min(rs):.2f}, max {max(rs):.2f}), "
+              f"{statistics.median(ts) * 1e3:.0f} ms/step")
 
 
 if __name__ == "__main__":

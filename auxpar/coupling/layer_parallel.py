@@ -41,7 +41,7 @@ from auxpar.coupling.base import Method, StepOut
 from auxpar.coupling.comm import TAG_ACT, TAG_EVAL, TAG_GRAD, TAG_INIT, TAG_OUTPUT, TAG_TARGET, Neighbours
 from auxpar.coupling.ds import DSFilter
 from auxpar.coupling.serial import make_sgd
-from auxpar.distributed import all_reduce_
+from auxpar.distributed import all_reduce_, barrier
 from auxpar.errors import DistributedError
 from auxpar.schedule import beta_at, parse_phases, phase_at
 
@@ -212,6 +212,9 @@ class LayerParallelMethod(Method):
     def end_epoch(self, epoch):
         self.nb.reap_sends(block=True)
         super().end_epoch(epoch)
+        # One barrier per epoch: the epoch ends when the slowest stage has finished, so the
+        # epoch time the last rank reports is the job's, not the fastest rank's.
+        barrier(self.info)
 
     # per-element beta of the boundary this rank reads (in) and the one it writes (out)
     @property
