@@ -316,3 +316,14 @@ def test_al_multipliers_reset_at_reinitialization():
     assert before > 0 and after == 0.0
     before, after = run_ranks(_mu_reset, 2, False)[1]
     assert before > 0 and after == pytest.approx(before)
+
+
+def test_phase_times_add_up_to_train_time(tmp_path):
+    out = tmp_path / "r"
+    res = run_cli("train", "--method", "penalty", "--stages", "2", "--nproc", "2", "--dataset", "digits",
+                  "--epochs", "3", "--out", str(out), timeout=120)
+    assert res.returncode == 0, res.stderr
+    s = read_summary(out)
+    assert set(s["phase_times_s"]) == {"parallel", "serial", "reinit"}
+    assert sum(s["phase_times_s"].values()) == pytest.approx(s["train_time_s"], rel=1e-9)
+    assert s["phase_times_s"]["reinit"] > 0 and s["eval_comm_bytes"] > 0
