@@ -14,6 +14,9 @@ import time
 
 from auxpar.errors import AuxparError, ConfigError
 
+LAYER_PARALLEL = ("penalty", "al")
+"""Methods with one process per stage (started automatically outside torchrun)."""
+
 # flag dest -> (section, key). Flags default to None so that only flags given override.
 FLAG_KEYS = {
     "method": ("run", "method"), "seed": ("run", "seed"), "epochs": ("run", "epochs"),
@@ -157,8 +160,14 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
         print(config_to_toml(cfg.resolved()))
         return 0
-    if cfg.dist.nproc > 1 and not dist.under_launcher():
-        return dist.launch_local(argv, cfg.dist.nproc)
+    if not dist.under_launcher():
+        nproc = cfg.dist.nproc
+        if nproc == 1 and cfg.dist.stages > 1 and cfg.run.method in LAYER_PARALLEL:
+            # One process per stage: `--method penalty --stages 4` alone is a complete command.
+            nproc = cfg.dist.stages
+            print(f"auxpar: starting {nproc} local processes, one per stage (gloo on CPU)", file=sys.stderr)
+        if nproc > 1:
+            return dist.launch_local(argv, nproc)
 
     from auxpar.trainer import train
 

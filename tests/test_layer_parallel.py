@@ -275,10 +275,12 @@ def test_defaults_learn_within_two_points_of_serial(tmp_path, serial_digits, met
     """Only --method and --stages given: the defaults (rho, eta_z = 1/beta, SPH parallel:2,serial:1,
     multiplier reset) must give a run within 2 points of serial backprop in the same 15 epochs."""
     out = tmp_path / "run"
-    res = run_cli("train", "--method", method, "--stages", str(stages), "--nproc", str(stages),
-                  "--dataset", "digits", "--out", str(out), timeout=300)
+    # No --nproc: outside torchrun, --stages K starts the K local processes itself.
+    res = run_cli("train", "--method", method, "--stages", str(stages), "--dataset", "digits",
+                  "--out", str(out), timeout=300)
     assert res.returncode == 0, res.stderr
     s = read_summary(out)
+    assert s["world_size"] == stages and f"starting {stages} local processes" in res.stderr
     gap = serial_digits["final_test_acc"] - s["final_test_acc"]
     print(f"{method} K={stages}: {s['final_test_acc']:.4f} vs serial {serial_digits['final_test_acc']:.4f}")
     assert gap <= 0.02, (s["final_test_acc"], serial_digits["final_test_acc"])
