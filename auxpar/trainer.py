@@ -122,11 +122,6 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
     replicas, replica = method.sampler_layout()
     sampler = IndexSampler(len(train_set), cfg.data.batch_size, seed=cfg.run.seed, shuffle=True,
                            drop_last=True, num_replicas=replicas, rank=replica)
-    if len(sampler) == 0:
-        raise TrainingError(
-            f"--batch-size {cfg.data.batch_size} is larger than the training set ({len(train_set)} samples), "
-            "so an epoch has no full batch; use a smaller --batch-size"
-        )
     # One augmentation stream for the global batch (each replica applies its slice), so DDP
     # sees exactly the crops and flips a single process would.
     loader = BatchLoader(train_set, sampler, device=info.device, augment=make_augment(cfg),

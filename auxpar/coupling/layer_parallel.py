@@ -278,8 +278,11 @@ class LayerParallelMethod(Method):
         b = idx.numel()
         rec = {}
         if self.k > 0:
+            # Rows of B cannot change before step j uses them (an epoch's batches are disjoint
+            # and updates only touch the current batch), so this gather serves step j too.
             z = self.store.get_z(idx)
             mu = self.store.get_mu(idx)
+            rec["z"], rec["mu"] = z, mu
             t = z if mu is None else z - mu / self.beta_in
             self.nb.isend(t.to(self.send_dtype), self.k - 1, TAG_TARGET + j % 2)
             rec["o"] = self.nb.irecv((b, *self.ds_in.shape), self.send_dtype, self.device, self.k - 1,
@@ -302,7 +305,7 @@ class LayerParallelMethod(Method):
         if k == 0:
             inp = zb = batch.x
         else:
-            zb = self.store.get_z(batch.idx).requires_grad_(True)  # N x C x H/s x W/s
+            zb = rec["z"].requires_grad_(True)  # N x C x H/s x W/s
             inp = self.ds_in.up(zb)
         out = self.stage(inp)
         if k < K - 1:
@@ -330,17 +333,16 @@ class LayerParallelMethod(Method):
             t0 = time.perf_counter()
             # Per-sample, sum-reduced input gradient of this stage's own loss.
             g = zb.grad * batch.y.numel()
-            self._update_aux(batch.idx, zb.detach(), obuf.float(), g)
+            self._update_aux(batch.idx, zb.detach(), obuf.float(), g, rec["mu"])
             self.time_compute += time.perf_counter() - t0
         nb.reap_sends()
         self._j += 1
         return StepOut(loss.detach(), correct, batch.y.numel())
 
     @torch.no_grad()
-    def _update_aux(self, idx, z, o, g) -> None:
+    def _update_aux(self, idx, z, o, g, mu) -> None:
         """Aux-state and multiplier update at boundary k for the samples idx (algorithms.md §3)."""
         c = self.cfg.coupling
-        mu = self.store.get_mu(idx)
         acc = self._epoch_acc
         acc["residual"] += (o - z).flatten(1).norm(dim=1).sum()
         acc["samples"] += z.shape[0]
@@ -442,7 +444,8 @@ class LayerParallelMethod(Method):
 
         mine = self._global_stage_state()
         if self.k != self.log_rank:
-            tdist.send_object_list([{key: v.shape for key, v in mine.items()}], dst=self.log_rank)
+            tdist.send_object_list([{key: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                                     for key, v in mine.items()}], dst=self.log_rank)
             for v in mine.values():
                 tdist.send(v.contiguous(), dst=self.log_rank)
             return None
@@ -450,17 +453,12 @@ class LayerParallelMethod(Method):
         for src in range(self.K - 1):
             meta = [None]
             tdist.recv_object_list(meta, src=src)
-            for key, shape in meta[0].items():
-                like = mine.get(key)
-                buf = torch.empty(shape, dtype=self._dtype_for(key, like))
+            for key, (shape, dtype) in meta[0].items():
+                buf = torch.empty(shape, dtype=getattr(torch, dtype))
                 tdist.recv(buf, src=src)
                 full[key] = buf
         full.update(mine)
         return full
-
-    @staticmethod
-    def _dtype_for(key, like):
-        return torch.long if key.endswith("num_batches_tracked") else torch.float32
 
     def state_dict(self):
         return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(), "beta": self.beta,
