@@ -14,8 +14,12 @@ import time
 
 from auxpar.errors import AuxparError, ConfigError
 
-LAYER_PARALLEL = ("penalty", "al")
-"""Methods with one process per stage (started automatically outside torchrun)."""
+LAYER_PARALLEL = ("pipeline", "penalty", "al", "mgrit")
+"""Methods with one process per stage (times --dp for mgrit), started automatically outside torchrun."""
+
+EXTRA_COMMANDS: list[str] = []
+"""Modules that add a subcommand: each has ``add_parser(subparsers)``, which registers its parser
+with ``set_defaults(func=run)``; ``run(args) -> int`` raises AuxparError for user errors."""
 
 # flag dest -> (section, key). Flags default to None so that only flags given override.
 FLAG_KEYS = {
@@ -34,7 +38,16 @@ FLAG_KEYS = {
     "ds_factor": ("coupling", "ds_factor"), "ds_mode": ("coupling", "ds_mode"),
     "upsample": ("coupling", "upsample"), "aux_dtype": ("coupling", "aux_dtype"),
     "aux_device": ("coupling", "aux_device"), "schedule": ("coupling", "schedule"),
-    "mu_damping": ("coupling", "mu_damping"),
+    "mu_damping": ("coupling", "mu_damping"), "serial_executor": ("coupling", "serial_executor"),
+    "dp": ("dist", "dp"), "microbatches": ("dist", "microbatches"),
+    "pipeline_schedule": ("dist", "pipeline_schedule"), "timeout": ("dist", "timeout_s"),
+    "checkpoint_every": ("run", "checkpoint_every"), "keep": ("run", "keep"),
+    "resume": ("run", "resume"), "on_nan": ("run", "on_nan"),
+    "mgrit_levels": ("mgrit", "levels"), "mgrit_cfactor": ("mgrit", "cfactor"),
+    "mgrit_fwd_iters": ("mgrit", "fwd_iters"), "mgrit_bwd_iters": ("mgrit", "bwd_iters"),
+    "mgrit_tol": ("mgrit", "tol"), "mgrit_relax": ("mgrit", "relax"), "mgrit_nested": ("mgrit", "nested"),
+    "mgrit_step": ("mgrit", "step"), "mgrit_cweight": ("mgrit", "cweight"),
+    "mgrit_final_relax": ("mgrit", "final_relax"), "mgrit_warm_start": ("mgrit", "warm_start"),
 }
 
 
@@ -69,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model", description="Train a model. Flags override --config.")
     _add_common(t)
-    t.add_argument("--method", help="serial (backprop, 1 process), ddp (data parallel), penalty or al (layer parallel)")
+    t.add_argument("--method", help="serial (backprop, 1 process), ddp (data parallel), pipeline "
+                   "(GPipe/1F1B baseline), penalty or al (aux-variable layer parallel), mgrit")
     t.add_argument("--data-dir", help="where datasets are downloaded and cached (default: data)")
     t.add_argument("--no-download", dest="no_download", action="store_true",
                    help="fail instead of downloading a missing dataset")
@@ -108,11 +122,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aux-device", choices=["device", "host"], help="aux states in device or (pinned) host memory")
     g.add_argument("--schedule", metavar="PHASES", help='SPH phases, repeated, e.g. "parallel:8,serial:2"')
     g.add_argument("--mu-damping", type=float, help="AL multiplier damping in [0, 1)")
+    g.add_argument("--serial-executor", choices=["layer", "pipeline"],
+                   help="SPH serial phase over the K ranks: layer-serial or micro-batched pipeline")
+    g = t.add_argument_group("MGRIT (--method mgrit)")
+    g.add_argument("--mgrit-levels", type=int, metavar="L", help="grid levels (1 = serial propagation)")
+    g.add_argument("--mgrit-cfactor", type=_split_arg, metavar="M[,M...]",
+                   help="coarsening factor, one value or one per coarsening")
+    g.add_argument("--mgrit-fwd-iters", type=int, metavar="N", help="forward iterations per step")
+    g.add_argument("--mgrit-bwd-iters", type=int, metavar="N", help="adjoint iterations per step")
+    g.add_argument("--mgrit-tol", type=float, help="stop at this residual norm (0 = run the iteration caps)")
+    g.add_argument("--mgrit-relax", choices=["F", "FCF"], help="relaxation per iteration")
+    g.add_argument("--mgrit-cweight", type=float, help="weight of C-relaxation")
+    g.add_argument("--mgrit-final-relax", choices=["F", "FC"], help="final relaxation sweep")
+    g.add_argument("--mgrit-nested", action="store_const", const=True, help="nested-iteration start")
+    g.add_argument("--mgrit-no-warm-start", dest="mgrit_warm_start", action="store_const", const=False,
+                   help="start every step's solve from scratch instead of the previous step's states")
+    g.add_argument("--mgrit-step", type=float, metavar="H", help="h scaling the residual branch (1 = ResNet)")
+    g = t.add_argument_group("parallel layout")
+    g.add_argument("--dp", type=int, metavar="N", help="data-parallel replicas of the layer-parallel group (mgrit)")
+    g.add_argument("--microbatches", type=int, metavar="N", help="pipeline micro-batches per batch")
+    g.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"], help="pipeline baseline schedule")
+    g.add_argument("--timeout", type=float, metavar="SECONDS", help="process-group timeout (a stalled rank ends the job)")
+    g = t.add_argument_group("checkpoints and failures")
+    g.add_argument("--checkpoint-every", metavar="N|Ns", help="checkpoint every N epochs, or N steps with an s suffix")
+    g.add_argument("--keep", type=int, metavar="K", help="complete checkpoints kept (>= 2)")
+    g.add_argument("--resume", nargs="?", const="latest", metavar="DIR|latest",
+                   help="resume from the latest checkpoint of --out (default) or from checkpoint DIR")
+    g.add_argument("--on-nan", choices=["stop", "skip"], help="non-finite loss on any rank: stop all ranks or skip the step")
+    t.add_argument("--debug", action="store_true", help="show the traceback of errors")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     p = sub.add_parser("plan", help="show the stage cut, balance and boundary memory (no training)")
     _add_common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    import importlib
+
+    for module in EXTRA_COMMANDS:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -162,9 +209,10 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     if not dist.under_launcher():
         nproc = cfg.dist.nproc
-        if nproc == 1 and cfg.dist.stages > 1 and cfg.run.method in LAYER_PARALLEL:
+        want = cfg.dist.stages * cfg.dist.dp
+        if nproc == 1 and want > 1 and cfg.run.method in LAYER_PARALLEL:
             # One process per stage: `--method penalty --stages 4` alone is a complete command.
-            nproc = cfg.dist.stages
+            nproc = want
             print(f"auxpar: starting {nproc} local processes, one per stage (gloo on CPU)", file=sys.stderr)
         if nproc > 1:
             return dist.launch_local(argv, nproc)
@@ -210,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, argv)
         if args.command == "plan":
             return cmd_plan(args)
+        return int(args.func(args) or 0)
     except AuxparError as exc:
+        if getattr(args, "debug", False):
+            raise
         _report(exc)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ else:  # pragma: no cover - exercised only on 3.10
 
 from auxpar.errors import ConfigError
 
-METHODS = ("serial", "ddp", "penalty", "al")
+METHODS = ("serial", "ddp", "pipeline", "penalty", "al", "mgrit")
 """Training methods known to this build. Layer-parallel methods register here when they land."""
 
 SCHEDULES = ("constant", "step", "multistep", "cosine")
@@ -62,6 +63,16 @@ class RunConfig:
     """Write a step record to metrics.jsonl every N steps; 0 = only per-epoch records."""
     progress: str = "auto"
     """Progress bar: auto (on when stderr is a TTY), on, off."""
+    checkpoint_every: str = ""
+    """Checkpoint cadence: "" or "0" = off; "N" or "Ne" = every N epochs; "Ns" = every N steps."""
+    keep: int = 2
+    """Complete checkpoints kept in RUN/checkpoints (older ones are deleted); at least 2."""
+    resume: str = ""
+    """"" = start fresh; "latest" = the latest complete checkpoint of the run directory; or a
+    checkpoint directory. Under torchrun restarts the latest checkpoint is always resumed."""
+    on_nan: str = "stop"
+    """Non-finite loss on any rank (checked across all ranks before the optimizer step): stop
+    (all ranks exit with one message naming rank, stage and step) or skip (drop that step)."""
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -73,6 +84,11 @@ class RunConfig:
         _positive("run.eval_every", self.eval_every)
         _nonneg("run.log_every", self.log_every)
         _choice("run.progress", self.progress, ("auto", "on", "off"))
+        parse_every(self.checkpoint_every)
+        if self.keep < 2:
+            raise ConfigError(f"run.keep = {self.keep} must be >= 2, so that a crash while writing a "
+                              "checkpoint always leaves a complete previous one")
+        _choice("run.on_nan", self.on_nan, ("stop", "skip"))
 
 
 @dataclass
@@ -185,6 +201,12 @@ class DistConfig:
     """auto (cuda if available), cpu or cuda."""
     timeout_s: float = 300.0
     """Collective / point-to-point timeout: a dead peer ends the job instead of hanging it."""
+    dp: int = 1
+    """Data-parallel degree on top of layer parallelism (mgrit): world = stages * dp."""
+    microbatches: int = 4
+    """Pipeline baseline (and the pipeline serial executor): micro-batches per batch."""
+    pipeline_schedule: str = "1f1b"
+    """Pipeline baseline schedule: gpipe or 1f1b (torch.distributed.pipelining)."""
 
     def validate(self) -> None:
         _positive("dist.stages", self.stages)
@@ -200,6 +222,9 @@ class DistConfig:
         _choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
         _choice("dist.device", self.device, ("auto", "cpu", "cuda"))
         _positive("dist.timeout_s", self.timeout_s)
+        _positive("dist.dp", self.dp)
+        _positive("dist.microbatches", self.microbatches)
+        _choice("dist.pipeline_schedule", self.pipeline_schedule, ("gpipe", "1f1b"))
 
 
 @dataclass
@@ -250,7 +275,8 @@ class CouplingConfig:
     """AL: update the multipliers after the aux step (algorithms.md) or before it, from the
     current residual (then the upstream target is o - g/beta at every step; see aux_update)."""
     serial_executor: str = "layer"
-    """How the serial phase runs over the K ranks: layer (activations forward, gradients back)."""
+    """How the serial phase runs over the K ranks: layer (activations forward, gradients back,
+    one batch at a time) or pipeline (micro-batched schedule of torch.distributed.pipelining)."""
 
     def validate(self) -> None:
         _positive("coupling.rho", self.rho)
@@ -267,11 +293,54 @@ class CouplingConfig:
         _choice("coupling.aux_device", self.aux_device, ("device", "host"))
         if not 0.0 <= self.mu_damping < 1.0:
             raise ConfigError(f"coupling.mu_damping = {self.mu_damping} must be in [0, 1)")
-        _choice("coupling.serial_executor", self.serial_executor, ("layer",))
+        _choice("coupling.serial_executor", self.serial_executor, ("layer", "pipeline"))
         _choice("coupling.mu_order", self.mu_order, ("after", "before"))
         from auxpar.schedule import parse_phases
 
         parse_phases(self.schedule)
+
+
+@dataclass
+class MgritConfig:
+    """Multigrid reduction in time over the block grid (``--method mgrit``); algorithms.md §6."""
+
+    levels: int = 2
+    """Grid levels; 1 = serial propagation (exact, no parallelism across ranks)."""
+    cfactor: list = field(default_factory=lambda: [2])
+    """Coarsening factor m: one value for every level or one per level transition."""
+    fwd_iters: int = 2
+    """Forward MGRIT iterations per step (cap when tol > 0)."""
+    bwd_iters: int = 1
+    """Adjoint (backward) MGRIT iterations per step (cap when tol > 0)."""
+    tol: float = 0.0
+    """Stop iterating once the residual norm is below tol; 0 = always run the iteration caps."""
+    relax: str = "FCF"
+    """Relaxation per iteration: F or FCF."""
+    cweight: float = 1.0
+    """Weight of C-relaxation (weighted Jacobi on the C-points)."""
+    final_relax: str = "F"
+    """Relaxation sweep after the last iteration: F or FC (the sweep that accumulates gradients)."""
+    nested: bool = False
+    """Nested iteration: start the fine grid from the coarse-grid solution."""
+    warm_start: bool = True
+    """Start each step's solve from the previous step's C-point states."""
+    step: float = 1.0
+    """h scaling the residual branch, u + h f(u); 1 = standard ResNet."""
+
+    def validate(self) -> None:
+        _positive("mgrit.levels", self.levels)
+        if not self.cfactor or any((not isinstance(c, int)) or c < 2 for c in self.cfactor):
+            raise ConfigError(f"mgrit.cfactor = {self.cfactor!r}: give whole numbers >= 2, e.g. [2] or [4, 2]")
+        if len(self.cfactor) not in (1, max(self.levels - 1, 1)):
+            raise ConfigError(f"mgrit.cfactor has {len(self.cfactor)} entries for {self.levels} levels; "
+                              f"give one value or {self.levels - 1} (one per coarsening)")
+        _positive("mgrit.fwd_iters", self.fwd_iters)
+        _positive("mgrit.bwd_iters", self.bwd_iters)
+        _nonneg("mgrit.tol", self.tol)
+        _choice("mgrit.relax", self.relax, ("F", "FCF"))
+        _positive("mgrit.cweight", self.cweight)
+        _choice("mgrit.final_relax", self.final_relax, ("F", "FC"))
+        _positive("mgrit.step", self.step)
 
 
 @dataclass
@@ -282,6 +351,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     coupling: CouplingConfig = field(default_factory=CouplingConfig)
+    mgrit: MgritConfig = field(default_factory=MgritConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -321,6 +391,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if want is str:
         if isinstance(value, str):
             return value
+        if key == "run.checkpoint_every" and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # checkpoint_every = 2 in TOML means every 2 epochs
         raise ConfigError(f"{key} = {value!r} has the wrong type: expected a string")
     if want is list:
         if isinstance(value, (list, tuple)):
@@ -445,6 +517,20 @@ def config_to_toml(data: dict) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
+
+def parse_every(text: str) -> tuple[str, int]:
+    """``run.checkpoint_every`` -> ("off", 0) | ("epochs", N) | ("steps", N)."""
+    t = str(text).strip().lower()
+    if t in ("", "0", "off"):
+        return "off", 0
+    m = re.fullmatch(r"(\d+)\s*(e|epochs?|s|steps?)?", t)
+    if not m or int(m.group(1)) <= 0:
+        raise ConfigError(f"run.checkpoint_every = {text!r}: write N or Ne (every N epochs) or Ns "
+                          "(every N steps), e.g. --checkpoint-every 1 or --checkpoint-every 200s")
+    unit = "steps" if (m.group(2) or "e").startswith("s") else "epochs"
+    t = m.group(1)
+    return unit, int(t)
+
 
 def _positive(key: str, v: float) -> None:
     if not v > 0:

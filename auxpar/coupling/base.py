@@ -43,6 +43,61 @@ class Method:
 
     def __init__(self, cfg: Config, info: DistInfo, net: torch.nn.Module):
         self.cfg, self.info, self.net = cfg, info, net
+        self.step_index = 0
+        """Global step number (1-based) of the step being run; set by the trainer before each step."""
+        self.poison = False
+        """Fault injection (AUXPAR_FAULT=nan:RANK:STEP): the trainer sets it for one step on one rank;
+        :meth:`finite_guard` then sees a NaN loss on this rank."""
+        self.skipped_steps = 0
+        """Steps dropped by ``--on-nan skip``."""
+
+    # -- failure handling ---------------------------------------------------------------
+    def stage_name(self, rank: int) -> str:
+        """What ``rank`` computes, for error messages (e.g. 'stage 2 of 4 (blocks 5-7)')."""
+        return "the whole network"
+
+    def finite_guard(self, *losses: torch.Tensor) -> bool:
+        """Call before the optimizer step (and before any other state update of the step).
+
+        Combines the finiteness of this rank's losses with every other rank's (one all-reduce
+        over the whole job, one host read). Returns True when every rank's losses are finite.
+        Otherwise, with ``run.on_nan = stop`` it raises one TrainingError (the same on every
+        rank) naming the rank(s), their stage and the step; with ``skip`` it returns False and
+        the method must drop this step (no optimizer step, no aux/multiplier update).
+        """
+        from auxpar.distributed import all_reduce_
+        from auxpar.errors import TrainingError
+
+        info = self.info
+        bad = torch.zeros(info.world_size, dtype=torch.float32, device=info.device)
+        vals = [torch.as_tensor(v, device=info.device).detach().float().reshape(-1) for v in losses]
+        if vals:
+            bad[info.rank] = (~torch.isfinite(torch.cat(vals))).any().float()
+        if self.poison:
+            bad[info.rank] = 1.0
+        if info.distributed:
+            all_reduce_(info, bad)
+        flags = bad.tolist()  # the one host read of the guard
+        ranks = [r for r, f in enumerate(flags) if f > 0]
+        if not ranks:
+            return True
+        where = "; ".join(f"rank {r} ({self.stage_name(r)})" for r in ranks)
+        if self.cfg.run.on_nan == "skip":
+            self.skipped_steps += 1
+            return False
+        err = TrainingError(
+            f"non-finite loss at step {self.step_index} on {where}: every rank stopped before the "
+            f"optimizer step, so the parameters are those of step {self.step_index - 1} and the last "
+            f"checkpoint is intact. Lower the learning rate (now --lr {self.cfg.optim.lr}), clip gradients "
+            "(--set optim.grad_clip=1.0), or pass --on-nan skip to drop such steps"
+        )
+        err.same_on_every_rank = True
+        raise err
+
+    def step_metrics(self) -> dict:
+        """Per-step record fields (e.g. MGRIT iterations and residual norms). When non-empty the
+        trainer writes a step record every step with these fields; keep it cheap."""
+        return {}
 
     # -- layout -------------------------------------------------------------------------
     @classmethod
@@ -109,7 +164,16 @@ class Method:
         """The whole network's state_dict on ``log_rank`` (None elsewhere), for model.pt / export."""
         raise NotImplementedError
 
+    def local_model_state(self) -> dict:
+        """This rank's share of the whole network's state_dict, with the whole network's key
+        names (``blocks.<global index>...``), on CPU; {} when another rank holds the same tensors
+        (data-parallel replicas). Merging every rank's dict gives the full model (export)."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict:
+        """Everything this rank needs to continue bitwise-identically: parameters and buffers,
+        optimizer state, and method state (aux states, multipliers, beta, warm-start states,
+        counters). Tensors and plain containers only (loaded with weights_only=True)."""
         raise NotImplementedError
 
     def load_state_dict(self, state: dict) -> None:
