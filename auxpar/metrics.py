@@ -22,8 +22,12 @@ EPOCH_KEYS = (
     # rank the cumulative compute / communication / waiting seconds; aux re-initialization time.
     "beta", "residual", "penalty", "mu_norm", "time_compute_s", "time_comm_s", "time_wait_s",
     "reinit_time_s",
+    # mgrit (null otherwise): per step {"fwd": n, "bwd": n} iterations and {"fwd": [...], "bwd":
+    # [...]} residual norms per iteration; epoch records carry the epoch means / last step's.
+    "mgrit_iters", "mgrit_residuals",
+    "skipped_steps",
 )
-STEP_KEYS = ("kind", "epoch", "step", "phase", "lr", "loss")
+STEP_KEYS = ("kind", "epoch", "step", "phase", "lr", "loss", "mgrit_iters", "mgrit_residuals")
 
 SUMMARY_KEYS = (
     "method", "model", "dataset", "world_size", "stages", "split", "epochs", "steps",

@@ -169,17 +169,18 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
         for i, (batch, next_idx) in enumerate(_lookahead(loader)):
             lr = lr_at(cfg.optim, epoch + i / steps_per_epoch, epochs)
             method.set_lr(lr)
+            method.step_index = step + 1
             out = method.train_step(batch, phase, next_idx)
             loss_sum += out.loss.double() * out.count
             correct += out.correct.double()
             seen += out.count
             step += 1
             bar.update(1)
-            if cfg.run.log_every and step % cfg.run.log_every == 0:
+            step_extra = method.step_metrics()  # e.g. MGRIT iterations and residuals, every step
+            if (cfg.run.log_every and step % cfg.run.log_every == 0) or step_extra:
                 loss_now = float(out.loss)  # the one sync of a logged step
-                _nan_guard(loss_now, epoch, step, cfg)
                 if owner:
-                    metrics.step(epoch=epoch, step=step, phase=phase, lr=lr, loss=loss_now)
+                    metrics.step(epoch=epoch, step=step, phase=phase, lr=lr, loss=loss_now, **step_extra)
                     bar.set_postfix(loss=f"{loss_now:.3f}")
         method.end_epoch(epoch)
         dt = time.perf_counter() - t0
