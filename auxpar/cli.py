@@ -17,7 +17,7 @@ from auxpar.errors import AuxparError, ConfigError
 LAYER_PARALLEL = ("pipeline", "penalty", "al", "mgrit")
 """Methods with one process per stage (times --dp for mgrit), started automatically outside torchrun."""
 
-EXTRA_COMMANDS: list[str] = []
+EXTRA_COMMANDS: list[str] = ["auxpar.perfmodel", "auxpar.study"]
 """Modules that add a subcommand: each has ``add_parser(subparsers)``, which registers its parser
 with ``set_defaults(func=run)``; ``run(args) -> int`` raises AuxparError for user errors."""
 
@@ -159,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     for module in EXTRA_COMMANDS:
-        importlib.import_module(module).add_parser(sub)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # TEMP while helpers build their modules
+            if exc.name == module:
+                continue
+            raise
+        mod.add_parser(sub)
     return parser
 
 
@@ -228,8 +234,14 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     info = dist.init(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.run.threads)
     clean = False
     try:
-        train(cfg, info, t_launch)
+        train(cfg, info, t_launch, overwrite=args.overwrite)
         clean = True
+    except AuxparError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classify communication failures for the user
+        if info.distributed and dist.is_comm_failure(exc) and not args.debug:
+            raise dist.comm_failure_error(exc, info, cfg.dist.timeout_s) from None
+        raise
     finally:
         dist.shutdown(info, clean=clean)
     return 0

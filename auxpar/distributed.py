@@ -117,6 +117,28 @@ def shutdown(info: DistInfo, clean: bool = True) -> None:
         tdist.destroy_process_group()
 
 
+def is_comm_failure(exc: BaseException) -> bool:
+    """A peer died, stalled past the timeout, or closed its connection."""
+    if isinstance(exc, getattr(tdist, "DistBackendError", ())) or isinstance(exc, getattr(tdist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                            "gloo", "nccl", "socket"))
+
+
+def comm_failure_error(exc: BaseException, info: DistInfo, timeout_s: float) -> DistributedError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    timed_out = "timed out" in first.lower() or "timeout" in first.lower()
+    why = (f"no message from a peer within the {timeout_s:g} s timeout: another rank stalled or died"
+           if timed_out else "the connection to another rank failed: it probably died")
+    err = DistributedError(
+        f"stopped: {why} ({first[:200]}). Look for the first error of another rank "
+        "above; raise --timeout if a rank is legitimately slow (e.g. a long evaluation or checkpoint)")
+    err.same_on_every_rank = False
+    return err
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         if info.backend == "nccl":
@@ -165,9 +187,12 @@ def launch_local(argv: list[str], nproc: int, grace_s: float = 5.0) -> int:
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                code = failed[0]
+                rank, code = failed[0]
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                print(f"auxpar: rank {rank} {how}; stopping the other {nproc - 1} rank(s)", file=sys.stderr)
+                code = code if code > 0 else 1
                 break
             if all(c == 0 for c in codes):
                 return 0

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from auxpar import checkpoint
+from auxpar import checkpoint, faults
+from auxpar.resume import (CheckpointSaver, LoopState, check_compatible, load_rank_state, model_file,
+                           resolve_resume, set_rng_state, truncate_metrics)
 from auxpar.config import Config, config_to_toml
 from auxpar.coupling import get_method
 from auxpar.data import Augment, BatchLoader, IndexSampler, default_augment, eval_batches, load_dataset
@@ -99,17 +101,34 @@ def _progress_enabled(cfg: Config) -> bool:
     return sys.stderr.isatty()
 
 
-def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
-    """Run one training job on this rank; returns the summary (on every rank)."""
+def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite: bool = False) -> dict:
+    """Run one training job on this rank; returns the summary (on every rank).
+
+    ``overwrite`` (--overwrite) allows starting over in a run directory that holds checkpoints."""
     t_launch = time.perf_counter() if t_launch is None else t_launch
+    fault = faults.from_env()
     method_cls = get_method(cfg.run.method)
     method_cls.check_layout(cfg, info)
+    run_dir = cfg.run_dir()
+
+    # ---- resume: find and check the checkpoint before anything in the run directory changes
+    resume = resolve_resume(cfg, run_dir, info)
+    if resume is not None:
+        check_compatible(resume.manifest, cfg, info, resume.path)
+        if not cfg.dist.split and resume.manifest["meta"]["split"]:
+            cfg.dist.split = list(resume.manifest["meta"]["split"])  # the cut the run was trained with
+    elif checkpoint.complete_checkpoints(run_dir) and not overwrite:
+        raise ConfigError(
+            f"run directory {run_dir} holds checkpoints of an unfinished run; pass --resume to continue "
+            "it, --overwrite to start over (its checkpoints are deleted), or choose another --out")
 
     # ---- data and model: the whole model from one seed, so parameters do not depend on K
     train_set, test_set = load_data(cfg, info)
     torch.manual_seed(cfg.run.seed)
     c, h, _ = train_set.shape
-    net = build_model(cfg.model.name, in_channels=c, input_size=h, num_classes=train_set.num_classes,
+    arch = {"name": cfg.model.name, "in_channels": c, "input_size": h, "num_classes": train_set.num_classes,
+            "dropout": cfg.model.dropout, "norm": cfg.model.norm}
+    net = build_model(arch["name"], in_channels=c, input_size=h, num_classes=arch["num_classes"],
                       dropout=cfg.model.dropout, norm=cfg.model.norm)
     n_params = count_parameters(net)
     if cfg.dist.stages > 1 and not cfg.dist.split and cfg.dist.balance == "time":
@@ -126,76 +145,108 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
     # sees exactly the crops and flips a single process would.
     loader = BatchLoader(train_set, sampler, device=info.device, augment=make_augment(cfg),
                          generator_seed=cfg.run.seed)
+    epochs, steps_per_epoch = cfg.run.epochs, len(loader)
+    loop = LoopState()
+    if resume is not None:
+        saved = load_rank_state(resume, info)
+        method.load_state_dict(saved["method"])
+        loop.load(saved["loop"], info.device)
+        set_rng_state(saved["rng"], info.device)
 
     # ---- run directory (owner rank only)
-    run_dir = cfg.run_dir()
     metrics = MetricsWriter(None)
     if owner:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_text(config_to_toml(cfg.resolved()), run_dir / "config.toml")
+            resolved = cfg.resolved()
+            resolved["run"]["resume"] = ""  # rerunning the saved config starts a run, not a resume
+            checkpoint.write_text(config_to_toml(resolved), run_dir / "config.toml")
         except OSError as exc:
             raise ConfigError(f"cannot write the run directory {run_dir} ({exc.strerror}); "
                               "choose a writable --out") from None
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if resume is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            truncate_metrics(run_dir / "metrics.jsonl", loop.step)
         metrics = MetricsWriter(run_dir / "metrics.jsonl")
         log.info("run %s: %s %s on %s, %s parameters, %d rank(s), device %s, %d thread(s)",
                  run_dir, cfg.run.method, cfg.model.name, cfg.data.dataset, f"{n_params:,}",
                  info.world_size, info.device, torch.get_num_threads())
+        if resume is not None:
+            log.info("resumed from %s (epoch %d, step %d)", resume.path, loop.epoch + 1, loop.step)
+    if resume is None and info.rank == 0 and overwrite:
+        import shutil
 
-    epochs, steps_per_epoch = cfg.run.epochs, len(loader)
-    step = 0
-    train_time = eval_time = 0.0
-    phase_times: dict[str, float] = {}
-    best_acc = -1.0
-    last = {"train_loss": float("nan"), "train_acc": float("nan"), "test_acc": None}
-    bar = tqdm(total=epochs * steps_per_epoch, desc=f"{cfg.run.method}", unit="step",
+        shutil.rmtree(checkpoint.ckpt_root(run_dir), ignore_errors=True)  # --overwrite: start over
+    barrier(info)  # nobody writes a checkpoint before the directory is in its final state
+
+    saver = CheckpointSaver(cfg, info, method, run_dir, steps_per_epoch, fault)
+    bar = tqdm(total=epochs * steps_per_epoch, initial=loop.step, desc=f"{cfg.run.method}", unit="step",
                disable=not (owner and _progress_enabled(cfg)), dynamic_ncols=True, leave=False)
 
-    for epoch in range(epochs):
+    lr = lr_at(cfg.optim, float(loop.epoch), epochs)
+    for epoch in range(loop.epoch, epochs):
         phase = method.phase(epoch)
-        loader.set_epoch(epoch)
+        start = loop.position if epoch == loop.epoch else 0
+        if start:
+            loader.load_state_dict({"epoch": epoch, "position": start, "seed": cfg.run.seed})
+        else:
+            loader.set_epoch(epoch)
         loader.augment_enabled = method.uses_augmentation(phase)
         extra = method.begin_epoch(epoch, phase)  # e.g. aux-state re-initialization (timed inside)
-        reinit_time = sum(extra.values())
-        for name, secs in extra.items():
-            phase_times[name] = phase_times.get(name, 0.0) + secs
-        train_time += reinit_time  # part of the training cost (T_reinit in the speedup accounting)
-        # Device accumulators: summed here, read once per epoch (no sync per step).
-        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
-        correct = torch.zeros((), dtype=torch.float64, device=info.device)
-        seen = 0
+        if start:
+            method.load_epoch_state(loop.method_epoch_state)  # continue the interrupted epoch
+        else:
+            loop.new_epoch(info.device, sum(extra.values()))
+            for name, secs in extra.items():
+                loop.phase_times[name] = loop.phase_times.get(name, 0.0) + secs
+            loop.train_time += loop.reinit_time  # part of the training cost (T_reinit)
         t0 = time.perf_counter()
-        for i, (batch, next_idx) in enumerate(_lookahead(loader)):
+        for i, (batch, next_idx) in enumerate(_lookahead(loader), start=start):
             lr = lr_at(cfg.optim, epoch + i / steps_per_epoch, epochs)
             method.set_lr(lr)
-            method.step_index = step + 1
+            method.step_index = loop.step + 1
+            method.poison = fault is not None and fault.hits("nan", info.rank, loop.step + 1)
             out = method.train_step(batch, phase, next_idx)
-            loss_sum += out.loss.double() * out.count
-            correct += out.correct.double()
-            seen += out.count
-            step += 1
+            # Device accumulators: summed here, read once per epoch (no sync per step).
+            loop.loss_sum += out.loss.double() * out.count
+            loop.correct += out.correct.double()
+            loop.seen += out.count
+            loop.step += 1
             bar.update(1)
             step_extra = method.step_metrics()  # e.g. MGRIT iterations and residuals, every step
-            if (cfg.run.log_every and step % cfg.run.log_every == 0) or step_extra:
+            if (cfg.run.log_every and loop.step % cfg.run.log_every == 0) or step_extra:
                 loss_now = float(out.loss)  # the one sync of a logged step
                 if owner:
-                    metrics.step(epoch=epoch, step=step, phase=phase, lr=lr, loss=loss_now, **step_extra)
+                    metrics.step(epoch=epoch, step=loop.step, phase=phase, lr=lr, loss=loss_now, **step_extra)
                     bar.set_postfix(loss=f"{loss_now:.3f}")
+            faults.after_step(fault, info.rank, loop.step)
+            if i + 1 < steps_per_epoch and saver.due_step(loop.step):
+                seg = time.perf_counter() - t0
+                loop.epoch_time += seg
+                loop.train_time += seg
+                loop.phase_times[phase] = loop.phase_times.get(phase, 0.0) + seg
+                loop.epoch, loop.position = epoch, i + 1
+                loop.method_epoch_state = method.epoch_state()
+                saver.save(loop)
+                t0 = time.perf_counter()  # checkpoint time is not training time
         method.end_epoch(epoch)
-        dt = time.perf_counter() - t0
-        train_time += dt
-        phase_times[phase] = phase_times.get(phase, 0.0) + dt
+        seg = time.perf_counter() - t0
+        loop.train_time += seg
+        loop.phase_times[phase] = loop.phase_times.get(phase, 0.0) + seg
+        dt = loop.epoch_time + seg
+        train_time = loop.train_time
 
-        stats = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64,
-                                                                  device=info.device)])
+        stats = torch.stack([loop.loss_sum, loop.correct,
+                             torch.tensor(float(loop.seen), dtype=torch.float64, device=info.device)])
         if method.reduce_train_stats:
             all_reduce_(info, stats)
         loss_total, correct_total, seen_total = stats.tolist()
         train_loss = loss_total / max(seen_total, 1)
         train_acc = correct_total / max(seen_total, 1)
-        # Every rank guards its own loss (CE or penalty); data-parallel ranks share one.
-        _nan_guard(train_loss, epoch, step, cfg, every_rank=method.reduce_train_stats)
+        # The per-step guard (all ranks, before the optimizer step) already stopped on NaN; this
+        # catches a non-finite epoch mean that --on-nan skip let through on every step.
+        _nan_guard(train_loss, epoch, loop.step, cfg, every_rank=method.reduce_train_stats)
         extras = method.epoch_metrics()  # collective
         comm_now = int(reduce_floats(info, [float(method.comm_bytes())])[0])  # all ranks, cumulative
 
@@ -212,15 +263,16 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
             l_tot, c_tot, n_tot = ev.tolist()
             if n_tot > 0:
                 test_loss, test_acc = l_tot / n_tot, c_tot / n_tot
-                best_acc = max(best_acc, test_acc)
-            eval_time += time.perf_counter() - te
+                loop.best_acc = max(loop.best_acc, test_acc)
+            loop.eval_time += time.perf_counter() - te
 
-        last = {"train_loss": train_loss, "train_acc": train_acc, "test_acc": test_acc}
+        loop.last = {"train_loss": train_loss, "train_acc": train_acc, "test_acc": test_acc}
+        skipped = int(reduce_floats(info, [float(method.skipped_steps)], op="max")[0])
         if owner:
-            metrics.epoch(epoch=epoch + 1, step=step, phase=phase, lr=lr, train_loss=train_loss,
+            metrics.epoch(epoch=epoch + 1, step=loop.step, phase=phase, lr=lr, train_loss=train_loss,
                           train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
                           epoch_time_s=dt, train_time_s=train_time, comm_bytes=comm_now,
-                          reinit_time_s=reinit_time, **extras)
+                          reinit_time_s=loop.reinit_time, skipped_steps=skipped, **extras)
             test_txt = f" test {100 * test_acc:5.2f}%" if test_acc is not None else ""
             coupling_txt = ""
             if extras.get("residual"):
@@ -232,6 +284,10 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
                 log.info(msg)
             else:
                 bar.write(msg)
+        if saver.due_epoch(epoch + 1, loop.step):
+            loop.epoch, loop.position = epoch + 1, 0
+            loop.method_epoch_state = None
+            saver.save(loop)
     bar.close()
     metrics.close()
 
@@ -242,26 +298,31 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None) -> dict:
     mem_per_rank = [int(v) for v in reduce_floats(info, mem_slots)]
     state = method.model_state()  # collective for layer-parallel methods
     extras = method.summary_extras()  # collective
+    skipped = int(reduce_floats(info, [float(method.skipped_steps)], op="max")[0])
+    last = loop.last
     summary = {
         "method": cfg.run.method, "model": cfg.model.name, "dataset": cfg.data.dataset,
         "world_size": info.world_size, "stages": cfg.dist.stages, "split": list(cfg.dist.split),
-        "epochs": epochs, "steps": step,
-        "final_test_acc": last["test_acc"], "best_test_acc": best_acc if best_acc >= 0 else None,
+        "epochs": epochs, "steps": loop.step,
+        "final_test_acc": last["test_acc"], "best_test_acc": loop.best_acc if loop.best_acc >= 0 else None,
         "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],
-        "wall_time_s": time.perf_counter() - t_launch, "train_time_s": train_time,
-        "eval_time_s": eval_time, "phase_times_s": phase_times, "comm_bytes": comm_total,
+        "wall_time_s": time.perf_counter() - t_launch, "train_time_s": loop.train_time,
+        "eval_time_s": loop.eval_time, "phase_times_s": loop.phase_times, "comm_bytes": comm_total,
         "peak_memory_bytes": max(mem_per_rank), "peak_memory_bytes_per_rank": mem_per_rank,
         "torch_version": torch.__version__, "device": str(info.device), "backend": info.backend,
         "threads": torch.get_num_threads(), "seed": cfg.run.seed, "params": n_params,
-        "aux_store_bytes": 0,
+        "aux_store_bytes": 0, "skipped_steps": skipped,
+        "checkpoint_bytes": saver.last_bytes, "checkpoint_time_s": saver.total_time,
+        "resumed_from_step": loop.resumed_from,
     }
     summary.update(extras)
     if owner:
         if state is not None:
-            checkpoint.save_tensors(state, run_dir / "model.pt")
+            checkpoint.save_tensors(model_file(arch, cfg, state, last["test_acc"], loop.step),
+                                    run_dir / "model.pt")
         checkpoint.write_json(summary, run_dir / "summary.json")
         log.info("done: final test %s, best %s, train time %.1fs (of %.1fs wall); wrote %s",
-                 _pct(summary["final_test_acc"]), _pct(summary["best_test_acc"]), train_time,
+                 _pct(summary["final_test_acc"]), _pct(summary["best_test_acc"]), loop.train_time,
                  summary["wall_time_s"], Path(run_dir) / "summary.json")
     return summary
 

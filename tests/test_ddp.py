@@ -17,7 +17,7 @@ COMMON = ("--dataset", "digits", "--model", "resnet20", "--norm", "none", "--epo
 
 
 def _params(run_dir):
-    return torch.load(run_dir / "model.pt", weights_only=True)
+    return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
 
 
 def _max_diff(a, b):

@@ -217,8 +217,8 @@ def test_serial_phase_over_ranks_equals_serial_training(tmp_path):
                  "--schedule", "serial", "--out", str(tmp_path / "p"))
     assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
-    a = torch.load(tmp_path / "s" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "p" / "model.pt", weights_only=True)
+    a = torch.load(tmp_path / "s" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "p" / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     torch.manual_seed(5)
     init = build_model("resnet20", in_channels=1, input_size=8, num_classes=10).state_dict()

@@ -64,7 +64,7 @@ def test_nan_stops_with_one_clear_message(tmp_path):
                   "--batch-size", "32", "--lr", "1e30", "--set", "data.synthetic_num_train=64",
                   "--set", "data.synthetic_shape=[3, 8, 8]", "--out", str(out), "--log-every", "1")
     assert res.returncode == 4, res.stderr
-    assert "training loss became" in res.stderr and "Lower the learning rate" in res.stderr
+    assert "non-finite loss at step" in res.stderr and "Lower the learning rate" in res.stderr
     assert "Traceback" not in res.stderr
     assert res.stderr.count("auxpar: error:") == 1
     assert not (out / "summary.json").exists()  # no summary claiming a finished run

@@ -164,6 +164,14 @@ class Method:
         """The whole network's state_dict on ``log_rank`` (None elsewhere), for model.pt / export."""
         raise NotImplementedError
 
+    def epoch_state(self) -> dict | None:
+        """Within-epoch state a mid-epoch checkpoint needs (e.g. step counter and epoch
+        accumulators that begin_epoch resets); tensors and plain containers only."""
+        return None
+
+    def load_epoch_state(self, state: dict | None) -> None:
+        """Restore :meth:`epoch_state` after ``begin_epoch`` of a resumed, interrupted epoch."""
+
     def local_model_state(self) -> dict:
         """This rank's share of the whole network's state_dict, with the whole network's key
         names (``blocks.<global index>...``), on CPU; {} when another rank holds the same tensors

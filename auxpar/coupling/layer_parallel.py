@@ -124,9 +124,13 @@ class LayerSerialExecutor:
         m.time_compute += time.perf_counter() - t0
         if k > 0:
             nb.send(inp.grad, k - 1, TAG_GRAD)
-        t0 = time.perf_counter()
-        m.clip_and_step()
-        m.time_compute += time.perf_counter() - t0
+        # NaN guard after the gradient went upstream (every rank must reach it): the last stage
+        # checks its loss, the others their output, so the first rank named is where it started.
+        check = loss if k == K - 1 else out.detach().float().sum()
+        if m.finite_guard(check):
+            t0 = time.perf_counter()
+            m.clip_and_step()
+            m.time_compute += time.perf_counter() - t0
         return StepOut(loss, correct, b)
 
 
@@ -156,7 +160,7 @@ class LayerParallelMethod(Method):
                                 where=f"boundary {self.k + 1} (output of stage {self.k})")
                        if self.k < self.K - 1 else None)
         self.phases = parse_phases(c.schedule)
-        self.executor = LayerSerialExecutor(self)
+        self.executor = (__import__("auxpar.coupling.pipeline", fromlist=["x"]).PipelineSerialExecutor(self) if c.serial_executor == "pipeline" else LayerSerialExecutor(self))
         self.beta = c.rho
         self.store: AuxStore | None = None
         self.train_set = None
@@ -324,16 +328,22 @@ class LayerParallelMethod(Method):
             correct = (out.detach().argmax(1) == batch.y).sum()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.clip_and_step()
+        self.time_compute += time.perf_counter() - t0
+        # Every stage's loss (penalty or CE) is checked across all ranks before any update.
+        ok = self.finite_guard(loss)
+        t0 = time.perf_counter()
+        if ok:
+            self.clip_and_step()
         self.time_compute += time.perf_counter() - t0
         acc["steps"] += 1
         if k > 0:
             work, obuf = rec["o"]
             nb.wait(work)
             t0 = time.perf_counter()
-            # Per-sample, sum-reduced input gradient of this stage's own loss.
-            g = zb.grad * batch.y.numel()
-            self._update_aux(batch.idx, zb.detach(), obuf.float(), g, rec["mu"])
+            if ok:
+                # Per-sample, sum-reduced input gradient of this stage's own loss.
+                g = zb.grad * batch.y.numel()
+                self._update_aux(batch.idx, zb.detach(), obuf.float(), g, rec["mu"])
             self.time_compute += time.perf_counter() - t0
         nb.reap_sends()
         self._j += 1
@@ -460,9 +470,22 @@ class LayerParallelMethod(Method):
         full.update(mine)
         return full
 
+    def stage_name(self, rank: int) -> str:
+        return f"stage {rank} of {self.K}" + (" (the loss)" if rank == self.K - 1 else "")
+
+    def local_model_state(self):
+        return self._global_stage_state()
+
     def state_dict(self):
+        """Stage, optimizer, beta, aux states and multipliers (in their storage dtype: a bf16
+        store checkpoints at half the fp32 size), and the accounting counters."""
+        nb = self.nb
         return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(), "beta": self.beta,
-                "stale": self.stale, "aux": self.store.state_dict() if self.store is not None else None}
+                "stale": self.stale, "aux": self.store.state_dict() if self.store is not None else None,
+                "skipped_steps": self.skipped_steps,
+                "counters": {"bytes_sent": nb.bytes_sent, "bytes_sent_eval": nb.bytes_sent_eval,
+                             "time_comm": nb.time_comm, "time_wait": nb.time_wait,
+                             "time_compute": self.time_compute}}
 
     def load_state_dict(self, state):
         self.stage.load_state_dict(state["stage"])
@@ -470,6 +493,20 @@ class LayerParallelMethod(Method):
         self.beta, self.stale = state["beta"], state["stale"]
         if self.store is not None and state.get("aux") is not None:
             self.store.load_state_dict(state["aux"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        c = state.get("counters") or {}
+        nb = self.nb
+        nb.bytes_sent, nb.bytes_sent_eval = int(c.get("bytes_sent", 0)), int(c.get("bytes_sent_eval", 0))
+        nb.time_comm, nb.time_wait = float(c.get("time_comm", 0.0)), float(c.get("time_wait", 0.0))
+        self.time_compute = float(c.get("time_compute", 0.0))
+
+    def epoch_state(self):
+        return {"j": self._j, "acc": dict(self._epoch_acc)}
+
+    def load_epoch_state(self, state):
+        if state:
+            self._j = int(state["j"])
+            self._epoch_acc = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in state["acc"].items()}
 
 
 class PenaltyMethod(LayerParallelMethod):

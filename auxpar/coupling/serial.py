@@ -62,9 +62,10 @@ class SerialMethod(Method):
         loss = F.cross_entropy(logits, batch.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
-        self.opt.step()
+        if self.finite_guard(loss):  # every rank's loss, before the optimizer step
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
+            self.opt.step()
         correct = (logits.detach().argmax(1) == batch.y).sum()
         return StepOut(loss.detach(), correct, batch.y.numel())
 
@@ -84,12 +85,21 @@ class SerialMethod(Method):
     def model_state(self):
         return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
 
+    def local_model_state(self):
+        if self.info.rank != 0:
+            return {}  # data-parallel replicas hold the same tensors as rank 0
+        return self.model_state()
+
     def state_dict(self):
-        return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict()}
+        return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                "skipped_steps": self.skipped_steps, "payload": getattr(self, "_payload", 0)}
 
     def load_state_dict(self, state):
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if hasattr(self, "_payload"):
+            self._payload = int(state.get("payload", 0))
 
 
 class DDPMethod(SerialMethod):
