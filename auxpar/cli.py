@@ -17,7 +17,7 @@ from auxpar.errors import AuxparError, ConfigError
 LAYER_PARALLEL = ("pipeline", "penalty", "al", "mgrit")
 """Methods with one process per stage (times --dp for mgrit), started automatically outside torchrun."""
 
-EXTRA_COMMANDS: list[str] = ["auxpar.perfmodel", "auxpar.study"]
+EXTRA_COMMANDS: list[str] = ["auxpar.perfmodel", "auxpar.study", "auxpar.export"]
 """Modules that add a subcommand: each has ``add_parser(subparsers)``, which registers its parser
 with ``set_defaults(func=run)``; ``run(args) -> int`` raises AuxparError for user errors."""
 

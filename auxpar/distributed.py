@@ -99,9 +99,16 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
     if backend == "nccl" and dev.type != "cuda":
         raise DistributedError("dist.backend = nccl needs CUDA devices; use --backend gloo on CPU")
     if not tdist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # The rendezvous store outlives a torchrun restart (the agent keeps it), so the previous
+        # attempt's keys (e.g. gloo peer addresses of dead workers) are still there; a restarted
+        # worker could read one and fail with "connection refused". Each attempt gets its own
+        # key space.
+        store, rank, world = next(tdist.rendezvous("env://", rank, world, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
         tdist.init_process_group(
-            backend=backend, rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            backend=backend, rank=rank, world_size=world, timeout=timeout,
+            store=tdist.PrefixStore(f"auxpar/attempt{attempt}", store),
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistInfo(rank, world, local_rank, local_world, dev, backend)
@@ -193,6 +200,11 @@ def launch_local(argv: list[str], nproc: int, grace_s: float = 5.0) -> int:
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 print(f"auxpar: rank {rank} {how}; stopping the other {nproc - 1} rank(s)", file=sys.stderr)
                 code = code if code > 0 else 1
+                # An error every rank hits (the NaN guard, a bad setting) ends all ranks at once,
+                # and rank 0 reports it: give them a moment to exit by themselves first.
+                deadline = time.monotonic() + min(grace_s, 3.0)
+                while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+                    time.sleep(0.05)
                 break
             if all(c == 0 for c in codes):
                 return 0

@@ -242,8 +242,9 @@ class CheckpointSaver:
     """Writes checkpoints at the configured cadence (a collective: every rank calls save)."""
 
     def __init__(self, cfg: Config, info: DistInfo, method, run_dir: Path, steps_per_epoch: int,
-                 fault: faults.Fault | None = None):
+                 fault: faults.Fault | None = None, arch: dict | None = None):
         self.cfg, self.info, self.method, self.run_dir = cfg, info, method, Path(run_dir)
+        self.arch = dict(arch or {})
         self.unit, self.every = parse_every(cfg.run.checkpoint_every)
         self.steps_per_epoch = steps_per_epoch
         self.fault = fault
@@ -288,6 +289,7 @@ class CheckpointSaver:
                     "bytes": int(allv[r * 9]), "sha256": "".join(f"{int(x):08x}" for x in words)}
             man = {"format": checkpoint.CKPT_FORMAT, "step": loop.step, "epoch": loop.epoch,
                    "position": loop.position, "meta": run_meta(self.cfg, info), "files": files,
+                   "arch": self.arch, "test_acc": loop.last.get("test_acc"),
                    "bytes": int(sum(allv[r * 9] for r in range(w))),
                    "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             checkpoint.write_json(man, d / checkpoint.MANIFEST)

@@ -180,7 +180,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
         shutil.rmtree(checkpoint.ckpt_root(run_dir), ignore_errors=True)  # --overwrite: start over
     barrier(info)  # nobody writes a checkpoint before the directory is in its final state
 
-    saver = CheckpointSaver(cfg, info, method, run_dir, steps_per_epoch, fault)
+    saver = CheckpointSaver(cfg, info, method, run_dir, steps_per_epoch, fault, arch)
     bar = tqdm(total=epochs * steps_per_epoch, initial=loop.step, desc=f"{cfg.run.method}", unit="step",
                disable=not (owner and _progress_enabled(cfg)), dynamic_ncols=True, leave=False)
 

@@ -56,6 +56,23 @@ class Method:
         """What ``rank`` computes, for error messages (e.g. 'stage 2 of 4 (blocks 5-7)')."""
         return "the whole network"
 
+    def snapshot_buffers(self, module: torch.nn.Module) -> None:
+        """Call at the start of a step: remember ``module``'s buffers (BN running statistics), so
+        that a step the guard rejects leaves them as they were too (a NaN forward would otherwise
+        poison them). One fused copy into preallocated storage; buffers are small."""
+        bufs = list(module.buffers())
+        saved = getattr(self, "_buf_saved", None)
+        if saved is None or len(saved[1]) != len(bufs) or saved[0] is not module:
+            self._buf_saved = (module, [b.detach().clone() for b in bufs])
+        elif bufs:
+            torch._foreach_copy_(self._buf_saved[1], [b.detach() for b in bufs])
+
+    def _restore_buffers(self) -> None:
+        saved = getattr(self, "_buf_saved", None)
+        if saved is not None and saved[1]:
+            with torch.no_grad():
+                torch._foreach_copy_([b for b in saved[0].buffers()], saved[1])
+
     def finite_guard(self, *losses: torch.Tensor) -> bool:
         """Call before the optimizer step (and before any other state update of the step).
 
@@ -82,6 +99,7 @@ class Method:
         if not ranks:
             return True
         where = "; ".join(f"rank {r} ({self.stage_name(r)})" for r in ranks)
+        self._restore_buffers()
         if self.cfg.run.on_nan == "skip":
             self.skipped_steps += 1
             return False

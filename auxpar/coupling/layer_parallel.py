@@ -99,6 +99,7 @@ class LayerSerialExecutor:
         m, nb, k, K = self.m, self.m.nb, self.m.k, self.m.K
         b = batch.y.numel()
         m.stage.train()
+        m.snapshot_buffers(m.stage)
         if k == 0:
             inp = batch.x
         else:
@@ -306,6 +307,7 @@ class LayerParallelMethod(Method):
         acc = self._epoch_acc
         t0 = time.perf_counter()
         self.stage.train()
+        self.snapshot_buffers(self.stage)
         if k == 0:
             inp = zb = batch.x
         else:

@@ -58,6 +58,7 @@ class SerialMethod(Method):
 
     def train_step(self, batch, phase, next_idx=None):
         self.model.train()
+        self.snapshot_buffers(self.net)
         logits = self.model(batch.x)
         loss = F.cross_entropy(logits, batch.y)
         self.opt.zero_grad(set_to_none=True)

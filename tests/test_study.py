@@ -1,0 +1,385 @@
+"""`auxpar study`: grid expansion, study-file errors, commands, the report, and resume.
+
+The end-to-end test runs a real two-method study on digits through the CLI (serial and
+penalty at K = 2, plus a run that fails), then checks that every number in results.csv and
+report.md is the one in the runs' summary.json, and that finished runs are never rerun.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from auxpar.errors import ConfigError
+from auxpar.study import QUICK_STUDY, config_differences, parse_study, quick_study, setting_tag, study_to_toml
+from auxpar.report import time_split, time_to_target
+from conftest import ROOT, read_summary, run_cli
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def study(**methods) -> dict:
+    return {"study": {"name": "t", "seeds": [0]}, "base": {"data": {"dataset": "digits"}},
+            "methods": methods}
+
+
+# --------------------------------------------------------------------------- expansion
+
+def test_grid_expands_methods_k_settings_seeds_in_order():
+    data = {
+        "study": {"name": "g", "seeds": [0, 1], "target_acc": 0.9},
+        "base": {"run": {"epochs": 3}, "data": {"dataset": "digits"}},
+        "methods": {
+            "serial": {},
+            "penalty": {"stages": [2, 4],
+                        "grid": {"coupling": {"ds_factor": [1, 2], "schedule": ["parallel", "parallel:8,serial:2"]}},
+                        "coupling": {"aux_dtype": "bf16"}},
+        },
+    }
+    s = parse_study(data)
+    assert s.name == "g" and s.target_acc == 0.9
+    assert len(s.runs) == 2 + 2 * 2 * 2 * 2
+    names = [r.name for r in s.runs]
+    assert len(set(names)) == len(names)
+    assert names[:4] == ["serial-s0", "serial-s1", "penalty-k2-ds1-nosph-s0", "penalty-k2-ds1-nosph-s1"]
+    assert "penalty-k4-ds2-sph-p8s2-s1" in names
+    r = next(r for r in s.runs if r.name == "penalty-k4-ds2-sph-p8s2-s1")
+    assert (r.method, r.k, r.world, r.seed) == ("penalty", 4, 4, 1)
+    assert r.settings == {"coupling.ds_factor": 2, "coupling.schedule": "parallel:8,serial:2"}
+    c = r.config
+    assert c["run"]["method"] == "penalty" and c["run"]["seed"] == 1 and c["run"]["epochs"] == 3
+    assert c["dist"]["stages"] == 4 and c["dist"]["nproc"] == 4
+    assert c["coupling"]["ds_factor"] == 2 and c["coupling"]["aux_dtype"] == "bf16"
+    assert c["optim"]["lr"] == 0.05  # the digits recipe under the study's settings
+    serial = s.runs[0]
+    assert (serial.k, serial.world, serial.config["dist"]["stages"]) == (1, 1, 1)
+
+
+def test_ddp_k_is_ranks_and_labels_alias_methods(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_text('[run]\nmethod = "serial"\nseed = 7\nepochs = 2\n[data]\ndataset = "digits"\nbatch_size = 32\n')
+    data = {"study": {"config": "base.toml", "seeds": [3]},
+            "methods": {"ddp": {"stages": [2]},
+                        "al-damped": {"method": "al", "stages": [2], "coupling": {"mu_damping": 0.5}},
+                        "mgrit": {"stages": [2], "dist": {"dp": 2}}}}
+    s = parse_study(data, source=str(tmp_path / "x.toml"), base_dir=tmp_path)
+    assert s.name == "x"  # the file name when [study] has no name
+    by = {r.name: r for r in s.runs}
+    assert set(by) == {"ddp-k2-s3", "al-damped-k2-s3", "mgrit-k2-s3"}
+    ddp = by["ddp-k2-s3"]
+    assert ddp.config["dist"]["stages"] == 1 and ddp.config["dist"]["nproc"] == 2 and ddp.world == 2
+    assert ddp.config["run"]["seed"] == 3 and ddp.config["data"]["batch_size"] == 32  # base file read
+    al = by["al-damped-k2-s3"]
+    assert al.method == "al" and al.label == "al-damped" and al.config["coupling"]["mu_damping"] == 0.5
+    assert by["mgrit-k2-s3"].world == 4  # K * dp processes
+
+
+def test_setting_tags_are_readable():
+    assert setting_tag("coupling.ds_factor", 4) == "ds4"
+    assert setting_tag("coupling.schedule", "parallel") == "nosph"
+    assert setting_tag("coupling.schedule", "parallel:8,serial:2") == "sph-p8s2"
+    assert setting_tag("dist.pipeline_schedule", "gpipe") == "gpipe"
+    assert setting_tag("optim.lr", 0.1) == "lr0.1"
+    assert setting_tag("optim.nesterov", False) == "no-nesterov"
+    assert setting_tag("optim.milestones", [60, 120]) == "milestones-60x120"
+
+
+@pytest.mark.parametrize("data, message", [
+    (study(sgd={}), "unknown method 'sgd'; choose one of serial, ddp, pipeline, penalty, al, mgrit"),
+    (study(penalty={}), "give the stage counts K"),
+    (study(penalty={"stages": [1]}), "whole numbers >= 2"),
+    (study(serial={"stages": [2]}), "serial backprop runs in one process"),
+    (study(penalty={"stages": [2], "stage": 3}), "unknown key 'stage'; valid keys: method, stages"),
+    (study(penalty={"stages": [2], "grid": {"coupling": {"ds_factr": [1, 2]}}}),
+     "unknown key coupling.ds_factr (did you mean ds_factor"),
+    (study(penalty={"stages": [2], "grid": {"coupling": {"ds_factor": 2}}}), "must be a non-empty list"),
+    (study(penalty={"stages": [2], "grid": {"rho": [1, 2]}}), "grid key 'rho' is not section.key"),
+    (study(penalty={"stages": [2], "coupling": {"rho": -1}}), "[methods.penalty] (K = 2): coupling.rho"),
+    (study(serial={"run": {"seed": 1}}), "run.seed is set by the study"),
+    (study(penalty={"stages": [2], "grid": {"dist": {"stages": [2, 4]}}}), "dist.stages is set by the study"),
+    ({"study": {}, "base": {"optim": {"lrr": 1}}, "methods": {"serial": {}}}, "[base]: unknown key optim.lrr"),
+    ({"study": {"seed": [0]}, "methods": {"serial": {}}}, "unknown key study.seed"),
+    ({"study": {"target_acc": 93}, "methods": {"serial": {}}}, "as a fraction in (0, 1]"),
+    ({"sudy": {}, "methods": {"serial": {}}}, "unknown top-level key or table [sudy]"),
+    ({"study": {}}, "no [methods.NAME] tables"),
+    ({"study": {}, "methods": {"a": {"method": "serial"}, "b": {"method": "serial"}}}, None),
+])
+def test_bad_study_files_name_the_problem(data, message):
+    if message is None:  # two tables, same runs under different labels: fine, distinct names
+        assert [r.name for r in parse_study(data).runs] == ["a-s0", "b-s0"]
+        return
+    with pytest.raises(ConfigError) as exc:
+        parse_study(data)
+    assert message in str(exc.value)
+
+
+def test_bad_study_file_through_the_cli(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[methods.penalty]\nstages = [2]\ngrid.coupling.ds_factr = [1, 2]\n")
+    res = run_cli("study", "--config", str(f), "--dry-run", timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.startswith("auxpar: error: ") and "Traceback" not in res.stderr
+    assert "ds_factr" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = run_cli("study", "--config", str(tmp_path / "missing.toml"), timeout=60)
+    assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_config_differences_ignore_paths_and_launch_settings():
+    a = {"run": {"out": "x", "epochs": 2, "progress": "on", "checkpoint_every": "1"},
+         "dist": {"nproc": 2, "split": [3, 6], "balance": "time"}, "optim": {"lr": 0.1}}
+    b = {"run": {"out": "y", "epochs": 2, "progress": "off", "checkpoint_every": ""},
+         "dist": {"nproc": 1, "split": [], "balance": "time"}, "optim": {"lr": 0.1}, "new": {"k": 1}}
+    assert config_differences(a, b) == []
+    b["optim"]["lr"] = 0.2
+    assert config_differences(a, b) == ["optim.lr: 0.1 -> 0.2"]
+
+
+def test_run_state_decides_skip_resume_overwrite(tmp_path):
+    from auxpar.config import config_to_toml
+    from auxpar.study import run_state, train_args
+
+    spec = parse_study(study(serial={})).runs[0]
+    run_dir = tmp_path / "serial-s0"
+    assert run_state(spec, run_dir) == ("new", "")
+    assert "--overwrite" not in train_args(spec, tmp_path / "c.toml", run_dir, "new")
+    (run_dir / "checkpoints" / "step-000000010").mkdir(parents=True)
+    assert run_state(spec, run_dir)[0] == "resume"
+    assert train_args(spec, tmp_path / "c.toml", run_dir, "resume")[-2:] == ["--resume", "latest"]
+    (run_dir / "config.toml").write_text(config_to_toml(spec.config))
+    (run_dir / "summary.json").write_text("{}")
+    assert run_state(spec, run_dir) == ("complete", "")
+    changed = json.loads(json.dumps(spec.config))
+    changed["optim"]["lr"] = 0.5
+    (run_dir / "config.toml").write_text(config_to_toml(changed))
+    state, detail = run_state(spec, run_dir)
+    assert state == "changed" and "optim.lr: 0.5 -> 0.05" in detail
+    assert train_args(spec, tmp_path / "c.toml", run_dir, "changed")[-1] == "--overwrite"
+
+
+def test_shipped_study_files_expand():
+    q = tomllib.loads((ROOT / "experiments/studies/quick-digits.toml").read_text())
+    assert q == QUICK_STUDY, "experiments/studies/quick-digits.toml must be the embedded quick study"
+    assert tomllib.loads(study_to_toml(QUICK_STUDY)) == QUICK_STUDY  # what STUDY/study.toml holds
+    assert [r.name for r in quick_study().runs] == ["serial-s0", "penalty-k2-s0", "al-k2-s0", "mgrit-k2-s0"]
+    from auxpar.study import load_study
+
+    for name, model, dataset in [("resnet56-cifar10", "resnet56", "cifar10"),
+                                 ("resnet110-cifar10", "resnet110", "cifar10"),
+                                 ("wrn-28-10-cifar100", "wrn-28-10", "cifar100")]:
+        s = load_study(ROOT / "experiments/studies" / f"{name}.toml")
+        assert len(s.runs) == 102, name
+        assert {r.method for r in s.runs} == {"serial", "ddp", "pipeline", "penalty", "al", "mgrit"}
+        assert {r.k for r in s.runs if r.method != "serial"} == {2, 4, 8}
+        assert {r.config["model"]["name"] for r in s.runs} == {model}
+        assert {r.config["data"]["dataset"] for r in s.runs} == {dataset}
+        lp = [r for r in s.runs if r.method in ("penalty", "al")]
+        assert {r.config["coupling"]["ds_factor"] for r in lp} == {1, 2}
+        assert {r.config["coupling"]["schedule"] for r in lp} == {"parallel", "parallel:8,serial:2"}
+    assert len(load_study(ROOT / "experiments/studies/digits-grid.toml").runs) == 102
+
+
+# --------------------------------------------------------------------------- report helpers
+
+def test_time_to_target_and_time_split():
+    epochs = [{"kind": "epoch", "phase": "parallel", "test_acc": 0.5, "train_time_s": 1.0,
+               "time_compute_s": [0.6, 0.8], "time_comm_s": [0.1, 0.1], "time_wait_s": [0.3, 0.1]},
+              {"kind": "epoch", "phase": "serial", "test_acc": 0.95, "train_time_s": 3.0,
+               "time_compute_s": [1.6, 1.8], "time_comm_s": [0.2, 0.2], "time_wait_s": [0.4, 0.2]},
+              {"kind": "epoch", "phase": "parallel", "test_acc": 0.97, "train_time_s": 4.0,
+               "time_compute_s": [2.2, 2.6], "time_comm_s": [0.3, 0.3], "time_wait_s": [0.7, 0.3]}]
+    assert time_to_target(epochs, 0.95) == 3.0
+    assert time_to_target(epochs, 0.99) is None and time_to_target(epochs, None) is None
+    summary = {"train_time_s": 4.0, "phase_times_s": {"parallel": 1.9, "serial": 2.0, "reinit": 0.1},
+               "time_compute_s": [2.2, 2.6], "time_comm_s": [0.3, 0.3], "time_wait_s": [0.7, 0.3]}
+    sp = time_split(summary, epochs)
+    assert sp["split"] and sp["serial_phase"] == pytest.approx(2.1)
+    assert sum(sp[k] for k in ("compute", "comm", "wait", "serial_phase")) == pytest.approx(4.0)
+    # parallel epochs only (rank means of the epoch deltas): compute 0.7 + 0.7, wait 0.2 + 0.2;
+    # counting the serial epoch too would give 2.4 / 0.5
+    assert sp["compute"] / sp["wait"] == pytest.approx(1.4 / 0.4)
+    serial = time_split({"train_time_s": 5.0, "phase_times_s": {"serial": 5.0}}, [])
+    assert serial == {"compute": 5.0, "comm": 0.0, "wait": 0.0, "serial_phase": 0.0, "split": False}
+
+
+# --------------------------------------------------------------------------- commands
+
+def test_print_commands_and_dry_run(tmp_path, capsys):
+    from auxpar.cli import main
+
+    def cli(*args):
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    f = tmp_path / "s.toml"
+    f.write_text('[study]\nname = "pc"\nseeds = [0, 1]\n[base.data]\ndataset = "digits"\n'
+                 '[methods.serial]\n[methods.penalty]\nstages = [2, 4]\n[methods.ddp]\nstages = [2]\n')
+    out = tmp_path / "pc"
+    code, stdout, err = cli("study", "--config", str(f), "--out", str(out), "--dry-run")
+    assert code == 0, err
+    assert "study pc: 8 runs" in stdout and "new         penalty-k4-s1" in stdout
+    assert not out.exists()  # a dry run writes nothing
+    code, stdout, err = cli("study", "--config", str(f), "--out", str(out), "--print-commands")
+    assert code == 0, err
+    lines = [ln for ln in stdout.splitlines() if not ln.startswith("#")]
+    assert len(lines) == 8
+    assert (f"python -m auxpar train --config {out}/configs/serial-s0.toml --out {out}/runs/serial-s0 "
+            "--resume latest") in lines
+    assert (f"torchrun --standalone --nproc_per_node=4 -m auxpar train --config {out}/configs/penalty-k4-s1.toml "
+            f"--out {out}/runs/penalty-k4-s1 --resume latest") in lines
+    assert any(ln.startswith("torchrun --standalone --nproc_per_node=2 -m auxpar train --config "
+                             f"{out}/configs/ddp-k2-s0.toml") for ln in lines)
+    assert (out / "commands.sh").read_text() == stdout
+    cfg = tomllib.loads((out / "configs" / "penalty-k4-s1.toml").read_text())
+    assert cfg["run"]["method"] == "penalty" and cfg["dist"]["stages"] == 4 and cfg["run"]["seed"] == 1
+    assert cfg["run"]["out"] == str(out / "runs" / "penalty-k4-s1")
+    plan = json.loads((out / "study.json").read_text())
+    assert len(plan["runs"]) == 8 and (out / "study.toml").read_text() == f.read_text()
+    # a complete run is listed as such, not printed again
+    done = out / "runs" / "serial-s1"
+    done.mkdir(parents=True)
+    (done / "config.toml").write_text((out / "configs" / "serial-s1.toml").read_text())
+    (done / "summary.json").write_text("{}")
+    code, stdout, err = cli("study", "--config", str(f), "--out", str(out), "--print-commands", "--only", "serial-*")
+    assert stdout.splitlines()[2:4] == [
+        f"python -m auxpar train --config {out}/configs/serial-s0.toml --out {out}/runs/serial-s0 --resume latest",
+        "# complete: serial-s1"]
+    code, stdout, err = cli("study", "--config", str(f), "--out", str(out), "--only", "nothing-*", "--dry-run")
+    assert code == 2 and "matches no run" in err
+
+
+# --------------------------------------------------------------------------- end to end
+
+def _md_rows(text: str, heading: str) -> list[list[str]]:
+    """Cells of the first markdown table after ``heading``."""
+    part = text.split(heading, 1)[1]
+    rows = []
+    for line in part.splitlines()[1:]:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+        elif rows:
+            break
+    return rows[2:]  # without header and separator
+
+
+@pytest.mark.slow
+def test_study_end_to_end_report_equals_summaries_and_resume(tmp_path):
+    f = tmp_path / "tiny.toml"
+    f.write_text(f"""
+[study]
+name = "tiny"
+seeds = [0]
+target_acc = 0.5
+
+[base.run]
+epochs = 2
+threads = 1
+
+[base.data]
+dataset = "digits"
+
+[methods.serial]
+
+[methods.penalty]
+stages = [2]
+
+[methods.broken]          # fails at start: no CIFAR-10 here and downloads are off
+method = "serial"
+data.dataset = "cifar10"
+data.download = false
+data.data_dir = "{tmp_path / 'nodata'}"
+""")
+    out = tmp_path / "tiny"
+    # 1. only the serial run
+    res = run_cli("study", "--config", str(f), "--out", str(out), "--only", "serial-*", timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    serial_dir = out / "runs" / "serial-s0"
+    first = (serial_dir / "summary.json").read_text()
+    mtime = (serial_dir / "summary.json").stat().st_mtime_ns
+    assert not (out / "runs" / "penalty-k2-s0").exists()
+
+    # 2. the whole study: serial is complete and skipped, penalty runs, broken fails and is reported
+    res = run_cli("study", "--config", str(f), "--out", str(out), timeout=180)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "skipped serial-s0: already complete" in res.stderr
+    assert "FAILED broken-s0" in res.stderr and "cifar" in res.stderr.lower()
+    assert "done penalty-k2-s0" in res.stderr
+    assert (serial_dir / "summary.json").stat().st_mtime_ns == mtime
+    assert (serial_dir / "summary.json").read_text() == first
+    assert "1 complete, 1 done, 1 failed" in res.stdout
+    # the printed table: one line per method with the summary's accuracy
+    s_ser, s_pen = read_summary(serial_dir), read_summary(out / "runs" / "penalty-k2-s0")
+    table = res.stdout.split("\n\n")[0]
+    assert re.search(rf"^serial\s+1\s+1\s+-\s+1\s+{100 * s_ser['final_test_acc']:.2f}\s", table, re.M), table
+    assert re.search(rf"^penalty\s+2\s+2\s+-\s+1\s+{100 * s_pen['final_test_acc']:.2f}\s", table, re.M), table
+
+    # results.csv: the summaries' numbers, unrounded
+    rows = {r["name"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {"serial-s0", "penalty-k2-s0", "broken-s0"}
+    assert rows["broken-s0"]["status"] == "missing" and rows["broken-s0"]["final_test_acc"] == ""
+    for name, s in (("serial-s0", s_ser), ("penalty-k2-s0", s_pen)):
+        r = rows[name]
+        assert r["status"] == "complete"
+        for key in ("final_test_acc", "best_test_acc", "train_time_s", "wall_time_s"):
+            assert float(r[key]) == s[key], (name, key)
+        for key in ("comm_bytes", "aux_store_bytes", "peak_memory_bytes", "params", "steps"):
+            assert int(r[key]) == s[key], (name, key)
+        assert float(r["speedup_vs_serial"]) == s_ser["train_time_s"] / s["train_time_s"]
+        split = sum(float(r[f"split_{k}_s"]) for k in ("compute", "comm", "wait", "serial_phase"))
+        assert split == pytest.approx(s["train_time_s"])
+        epochs = [json.loads(ln) for ln in open(out / "runs" / name / "metrics.jsonl") if '"epoch"' in ln]
+        hit = next((e["train_time_s"] for e in epochs if e["test_acc"] is not None and e["test_acc"] >= 0.5), None)
+        assert (float(r["time_to_target_s"]) if r["time_to_target_s"] else None) == hit
+    assert int(rows["penalty-k2-s0"]["comm_bytes"]) > 0 and int(rows["penalty-k2-s0"]["aux_store_bytes"]) > 0
+
+    # report.md: per-method tables and the all-runs table show the same numbers, rounded
+    md = (out / "report.md").read_text()
+
+    def shown(s):
+        return [f"{100 * s['final_test_acc']:.2f}", f"{100 * s['best_test_acc']:.2f}", f"{s['train_time_s']:.2f}"]
+
+    for label, s in (("serial", s_ser), ("penalty", s_pen)):
+        (row,) = _md_rows(md, f"### {label}\n")
+        assert row[4:7] == shown(s), (label, row)
+        assert row[7] == f"{s_ser['train_time_s'] / s['train_time_s']:.2f}"
+        ttt = rows[label + ("-s0" if label == "serial" else "-k2-s0")]["time_to_target_s"]
+        assert row[8] == (f"{float(ttt):.2f}" if ttt else "not reached")
+        assert row[9:12] == [f"{s['comm_bytes'] / 1e6:.2f}", f"{s['aux_store_bytes'] / 1e6:.2f}",
+                             f"{s['peak_memory_bytes'] / 1e6:.2f}"]
+    runs = {r[0]: r for r in _md_rows(md, "## All runs")}
+    assert set(runs) == {"serial-s0", "penalty-k2-s0"}
+    for name, s in (("serial-s0", s_ser), ("penalty-k2-s0", s_pen)):
+        assert runs[name][5:8] == shown(s)
+        assert runs[name][8] == f"{s['wall_time_s']:.2f}"
+    assert "| broken-s0 | missing |" in md
+    assert "communication against DS factor: skipped" in md  # no DS variation: noted, not drawn
+    for png in ("accuracy_vs_time.png", "speedup_vs_k.png", "time_split.png"):
+        data = (out / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+        assert f"plots/{png}" in md
+    assert not (out / "plots" / "comm_vs_ds.png").exists()
+
+    # 3. --report-only regenerates the same report from the directory
+    (out / "report.md").unlink()
+    (out / "results.csv").unlink()
+    res = run_cli("study", "--report-only", str(out), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (out / "results.csv").is_file()
+    assert _md_rows((out / "report.md").read_text(), "## All runs") == _md_rows(md, "## All runs")
+
+    # 4. a finished run whose config no longer matches the study is reported, not replaced
+    f.write_text(f.read_text().replace("epochs = 2", "epochs = 3"))
+    res = run_cli("study", "--config", str(f), "--out", str(out), "--only", "serial-*", timeout=60)
+    assert res.returncode == 1
+    assert "conflict serial-s0" in res.stderr and "run.epochs: 2 -> 3" in res.stderr
+    assert "--rerun-changed" in res.stderr
+    assert (serial_dir / "summary.json").read_text() == first
+    assert "| serial-s0 | stale |" in (out / "report.md").read_text()
