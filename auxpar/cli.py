@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep", type=int, metavar="K", help="complete checkpoints kept (>= 2)")
     g.add_argument("--resume", nargs="?", const="latest", metavar="DIR|latest",
                    help="resume from the latest checkpoint of --out (default) or from checkpoint DIR")
-    g.add_argument("--on-nan", choices=["stop", "skip"], help="non-finite loss on any rank: stop all ranks or skip the step")
+    g.add_argument("--on-nan", choices=["stop", "skip", "off"],
+                   help="non-finite loss on any rank: stop all ranks (default), skip the step, or off "
+                        "(no per-step check; only the epoch-end check)")
     t.add_argument("--debug", action="store_true", help="show the traceback of errors")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 

@@ -72,7 +72,9 @@ class RunConfig:
     checkpoint directory. Under torchrun restarts the latest checkpoint is always resumed."""
     on_nan: str = "stop"
     """Non-finite loss on any rank (checked across all ranks before the optimizer step): stop
-    (all ranks exit with one message naming rank, stage and step) or skip (drop that step)."""
+    (all ranks exit with one message naming rank, stage and step) or skip (drop that step);
+    off = no per-step check (no all-reduce and host read per step), only the epoch-end check,
+    which stops after the fact (parameters are then already damaged)."""
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -88,7 +90,7 @@ class RunConfig:
         if self.keep < 2:
             raise ConfigError(f"run.keep = {self.keep} must be >= 2, so that a crash while writing a "
                               "checkpoint always leaves a complete previous one")
-        _choice("run.on_nan", self.on_nan, ("stop", "skip"))
+        _choice("run.on_nan", self.on_nan, ("stop", "skip", "off"))
 
 
 @dataclass
@@ -302,34 +304,68 @@ class CouplingConfig:
 
 @dataclass
 class MgritConfig:
-    """Multigrid reduction in time over the block grid (``--method mgrit``); algorithms.md §6."""
+    """Multigrid reduction in time over the block grid (``--method mgrit``); algorithms.md §6.
+
+    The defaults are one-shot training settings (a fixed, small amount of MGRIT work per step,
+    inexact gradients), chosen by measurement on digits (see auxpar/coupling/mgrit.py and
+    experiments/bench_mgrit.py). Two levels, F-relaxation and ``fwd_iters = bwd_iters = N_c`` (the
+    number of level-1 intervals) give the exact serial step instead.
+    """
 
     levels: int = 2
-    """Grid levels; 1 = serial propagation (exact, no parallelism across ranks)."""
+    """Grid levels; 1 = serial propagation across the ranks (exact, nothing to iterate).
+    Default 2: with K stages the coarse grid of a ResNet is already short (N/m steps), so the
+    serial coarsest solve is cheap and a third level only adds relaxation work and error."""
     cfactor: list = field(default_factory=lambda: [2])
-    """Coarsening factor m: one value for every level or one per level transition."""
+    """Coarsening factor m: one value for every coarsening or one per coarsening (levels - 1).
+    Default 2: a coarse step lumps m blocks into one block at step m*h; with h = 1 that step is
+    already large at m = 2 (the coarse propagator gets worse quickly with m), and m = 2 keeps the
+    most stage cuts legal (every stage boundary must be a multiple of prod(cfactor))."""
     fwd_iters: int = 2
-    """Forward MGRIT iterations per step (cap when tol > 0)."""
+    """Forward MGRIT iterations (FAS cycles) per step; a cap when tol > 0. Default 2: see the
+    class docstring."""
     bwd_iters: int = 1
-    """Adjoint (backward) MGRIT iterations per step (cap when tol > 0)."""
+    """Adjoint MGRIT iterations per step; a cap when tol > 0. Default 1: see the class docstring."""
     tol: float = 0.0
-    """Stop iterating once the residual norm is below tol; 0 = always run the iteration caps."""
+    """Stop a solve once its residual norm (global 2-norm over the C-points, XBraid's) is at or
+    below tol; 0 = always run the iteration counts (one-shot training, no extra reduction)."""
     relax: str = "FCF"
-    """Relaxation per iteration: F or FCF."""
+    """Relaxation per iteration: F or FCF. Default FCF: it costs one more block evaluation per
+    block and iteration, and converges markedly faster than F per iteration."""
     cweight: float = 1.0
-    """Weight of C-relaxation (weighted Jacobi on the C-points)."""
+    """Weight w of the C-relaxation, u_c <- u_c + w (Phi(u_{c-1}) - u_c); 1 = plain C-relaxation."""
     final_relax: str = "F"
-    """Relaxation sweep after the last iteration: F or FC (the sweep that accumulates gradients)."""
+    """Final sweep after the last iteration (the sweep that keeps graphs / accumulates the
+    parameter gradients): F keeps the coarse-corrected C-points, FC also C-relaxes them."""
     nested: bool = False
-    """Nested iteration: start the fine grid from the coarse-grid solution."""
+    """Start every solve from a serial coarsest-grid solve interpolated up (nested iteration)
+    instead of zeros / the warm start; off by default because the warm start is free."""
     warm_start: bool = True
-    """Start each step's solve from the previous step's C-point states."""
+    """Start each step's forward solve from the previous step's final C-point states (in the form
+    warm_mode says); cold = zeros. Measured (digits, ResNet-20/56 with BN, 2 forward FCF iterations,
+    see auxpar/coupling/mgrit.py): the previous batch's states as they are lower the first
+    residual but not the final one and worsen the gradient; their batch mean lowers the final
+    forward residual by ~7% and the gradient error by ~2% against zeros, hence on, mode mean."""
+    warm_mode: str = "mean"
+    """mean: every sample starts at the previous step's batch-mean state of that point (the states
+    belong to other samples, so only what they share carries over); states: the previous step's
+    per-sample states as they are (TorchBraid's warm start)."""
+    warm_adjoint: bool = False
+    """Warm-start the adjoint solve too (same warm_mode). Off: the previous batch's adjoints
+    (per-sample dLoss/du of other samples) measured worse than starting from zero."""
     step: float = 1.0
-    """h scaling the residual branch, u + h f(u); 1 = standard ResNet."""
+    """h scaling the residual branch, u + h f(u); 1 = the standard ResNet (the default, so that
+    the model is the one serial training trains). h = T/N gives the ODE scaling."""
+    schedule: str = "parallel"
+    """SPH phases for --method mgrit (syntax of coupling.schedule): parallel = MGRIT step, serial =
+    exact layer-serial backprop over the ranks. Default parallel only: MGRIT states are not tied
+    to samples, so MGRIT phases train on augmented data already and need no re-initialization;
+    serial phases would only buy exact gradients at serial cost. A coupling.schedule (--schedule)
+    changed from its default overrides this."""
 
     def validate(self) -> None:
         _positive("mgrit.levels", self.levels)
-        if not self.cfactor or any((not isinstance(c, int)) or c < 2 for c in self.cfactor):
+        if not self.cfactor or any((not isinstance(c, int)) or isinstance(c, bool) or c < 2 for c in self.cfactor):
             raise ConfigError(f"mgrit.cfactor = {self.cfactor!r}: give whole numbers >= 2, e.g. [2] or [4, 2]")
         if len(self.cfactor) not in (1, max(self.levels - 1, 1)):
             raise ConfigError(f"mgrit.cfactor has {len(self.cfactor)} entries for {self.levels} levels; "
@@ -339,8 +375,15 @@ class MgritConfig:
         _nonneg("mgrit.tol", self.tol)
         _choice("mgrit.relax", self.relax, ("F", "FCF"))
         _positive("mgrit.cweight", self.cweight)
+        if self.cweight >= 2:
+            raise ConfigError(f"mgrit.cweight = {self.cweight} must be in (0, 2) (weighted Jacobi diverges "
+                              "beyond 2); 1 is plain C-relaxation")
         _choice("mgrit.final_relax", self.final_relax, ("F", "FC"))
         _positive("mgrit.step", self.step)
+        _choice("mgrit.warm_mode", self.warm_mode, ("mean", "states"))
+        from auxpar.schedule import parse_phases
+
+        parse_phases(self.schedule)
 
 
 @dataclass

@@ -119,6 +119,7 @@ def test_torchrun_elastic_restart_resumes_and_matches_uninterrupted(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "torchrun restart 1" in r.stdout + r.stderr
     assert _steps(full) == _steps(cut)
+    assert _epochs(full) == _epochs(cut)  # final metrics equal the uninterrupted run's
     assert read_summary(cut)["resumed_from_step"] == 20
 
 

@@ -86,6 +86,8 @@ class Method:
         from auxpar.errors import TrainingError
 
         info = self.info
+        if self.cfg.run.on_nan == "off" and not self.poison:
+            return True
         bad = torch.zeros(info.world_size, dtype=torch.float32, device=info.device)
         vals = [torch.as_tensor(v, device=info.device).detach().float().reshape(-1) for v in losses]
         if vals:
