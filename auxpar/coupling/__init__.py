@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from auxpar.coupling.base import Method, StepOut
 from auxpar.coupling.layer_parallel import AugmentedLagrangianMethod, PenaltyMethod
+from auxpar.coupling.pipeline import PipelineMethod
 from auxpar.coupling.serial import DDPMethod, SerialMethod
 from auxpar.errors import ConfigError
 
@@ -16,6 +17,7 @@ _REGISTRY: dict[str, type[Method]] = {
     "ddp": DDPMethod,
     "penalty": PenaltyMethod,
     "al": AugmentedLagrangianMethod,
+    "pipeline": PipelineMethod,
 }
 
 
@@ -27,4 +29,4 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = ["Method", "StepOut", "SerialMethod", "DDPMethod", "PenaltyMethod", "AugmentedLagrangianMethod",
-           "get_method"]
+           "PipelineMethod", "get_method"]

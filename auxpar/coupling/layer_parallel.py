@@ -161,7 +161,12 @@ class LayerParallelMethod(Method):
                                 where=f"boundary {self.k + 1} (output of stage {self.k})")
                        if self.k < self.K - 1 else None)
         self.phases = parse_phases(c.schedule)
-        self.executor = (__import__("auxpar.coupling.pipeline", fromlist=["x"]).PipelineSerialExecutor(self) if c.serial_executor == "pipeline" else LayerSerialExecutor(self))
+        if c.serial_executor == "pipeline":  # micro-batched serial phase (torch.distributed.pipelining)
+            from auxpar.coupling.pipeline import PipelineSerialExecutor
+
+            self.executor = PipelineSerialExecutor(self)
+        else:
+            self.executor = LayerSerialExecutor(self)
         self.beta = c.rho
         self.store: AuxStore | None = None
         self.train_set = None

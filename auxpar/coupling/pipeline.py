@@ -1,0 +1,435 @@
+"""The pipeline baseline, ``--method pipeline``, and the pipeline executor of the SPH serial phase.
+
+The same K stages as penalty/AL (``net.partition(K, split)`` of a net built once from the run's
+seed, then sliced, so the parameters do not depend on K) run one batch as M micro-batches
+through ``torch.distributed.pipelining`` (``PipelineStage`` with ``ScheduleGPipe`` or
+``Schedule1F1B``)::
+
+    batch B -> M micro-batches of B/M  ->  stage 0 -> stage 1 -> ... -> stage K-1 (CE loss)
+    gradients flow back micro-batch by micro-batch; every stage sums them, divides by M,
+    then all ranks take one optimizer step (after the cross-rank NaN guard).
+
+This is ordinary backprop: with equal micro-batches, the mean of the M micro-batch mean losses is
+the batch mean loss, so the update equals serial backprop on the same batch (tested at 1e-5 on
+a model without batch norm). Differences, all deliberate:
+
+* BatchNorm normalizes each micro-batch with its own statistics and updates its running
+  statistics once per micro-batch (M momentum updates per step). This is GPipe's semantics;
+  with M = 1 the update is serial backprop's exactly (up to float rounding).
+* Gradient clipping (``optim.grad_clip``) uses the global norm over all stages (one
+  all-reduce), as ``clip_grad_norm_`` of the whole network would.
+* Evaluation is a layer-serial forward over the ranks (no micro-batching, running BN
+  statistics), the same as penalty/AL's: test batches may have any size.
+
+Configurations torch.distributed.pipelining cannot run raise before the first step:
+batch size not divisible by ``--microbatches`` (its static micro-batch shapes, and the
+mean-of-means equality, need equal micro-batches), 1F1B with fewer micro-batches than stages
+(``Schedule1F1B`` refuses it), world size != K, and a torch without the module.
+
+Accounting: ``comm_bytes`` counts every activation and gradient tensor this rank hands to a
+send of the schedule (measured from the send ops, not derived from shapes). Time per rank:
+``compute`` = forward and backward of each micro-batch plus the optimizer step (timed around
+the stage's own calls); ``wait`` = the rest of the step, i.e. posting sends and receives,
+blocking on them and the pipeline bubble. torch.distributed.pipelining posts and waits inside
+its schedule, so posting (``comm``) cannot be told apart from waiting there: ``time_comm_s``
+is 0 and ``time_wait_s`` holds both.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+import torch.nn.functional as F
+
+from auxpar.coupling.base import Method, StepOut
+from auxpar.coupling.comm import TAG_EVAL, Neighbours
+from auxpar.coupling.serial import make_sgd
+from auxpar.distributed import all_reduce_, barrier
+from auxpar.errors import ConfigError, DistributedError
+
+
+# ---------------------------------------------------------------------------- checks
+
+def pipeline_problems(batch_size: int, microbatches: int, schedule: str, K: int, flag: str,
+                      schedule_flag: str = "--pipeline-schedule") -> str | None:
+    """Why torch.distributed.pipelining cannot run this configuration (None when it can)."""
+    M = microbatches
+    if batch_size % M:
+        lo = max(M, batch_size - batch_size % M)
+        divisors = [m for m in range(1, min(batch_size, 64) + 1) if batch_size % m == 0]
+        return (f"{flag}: --batch-size {batch_size} does not split into --microbatches {M} equal "
+                f"micro-batches; the pipeline needs equal micro-batches (static shapes, and the mean of "
+                f"the micro-batch losses equals the batch loss only then). Use --microbatches in "
+                f"{divisors[:8]} or --batch-size {lo}")
+    if schedule == "1f1b" and M < K:
+        return (f"{flag}: the 1F1B schedule needs at least as many micro-batches as stages "
+                f"(torch.distributed.pipelining.Schedule1F1B), but --microbatches {M} < --stages {K}; "
+                f"use --microbatches {K} or more, or {schedule_flag} gpipe")
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _pipelining():
+    """(PipelineStage, {schedule name: class}); a clear error when this torch lacks the module."""
+    try:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    except ImportError as exc:  # pragma: no cover - torch >= 2.4 has it
+        raise DistributedError(
+            f"the pipeline needs torch.distributed.pipelining, which torch {torch.__version__} does not "
+            f"provide ({exc}); install torch >= 2.4, or use --serial-executor layer / --method penalty"
+        ) from None
+
+    class CountingStage(PipelineStage):
+        """A PipelineStage that counts the bytes it sends and times its own compute."""
+
+        bytes_sent = 0
+        time_compute = 0.0
+
+        def get_fwd_send_ops(self, fwd_chunk_id):
+            ops = super().get_fwd_send_ops(fwd_chunk_id)
+            self.bytes_sent += sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
+            return ops
+
+        def get_bwd_send_ops(self, bwd_chunk_id):
+            ops = super().get_bwd_send_ops(bwd_chunk_id)
+            self.bytes_sent += sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
+            return ops
+
+        def forward_one_chunk(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super().forward_one_chunk(*args, **kwargs)
+            finally:
+                self.time_compute += time.perf_counter() - t0
+
+        def backward_one_chunk(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super().backward_one_chunk(*args, **kwargs)
+            finally:
+                self.time_compute += time.perf_counter() - t0
+
+    return CountingStage, {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def _mean_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+class PipelineRunner:
+    """One stage of a K-stage micro-batched pipeline: ``step(x, y)`` runs forward and backward of
+    one batch on every rank (gradients accumulate in the stage's parameters, averaged over the M
+    micro-batches); the optimizer step is the caller's.
+
+    One PipelineStage + schedule per micro-batch size, built on first use with static shapes
+    (no metadata-inference forward, which would touch BN statistics). Every rank sees the same
+    batch sizes, so every rank builds the same ones.
+    """
+
+    def __init__(self, stage, k: int, K: int, device: torch.device, microbatches: int, schedule: str):
+        self.stage, self.k, self.K, self.device = stage, k, K, device
+        self.M, self.schedule_name = microbatches, schedule
+        self._built: dict[int, tuple] = {}
+        self._bytes_done = 0
+        self._compute_done = 0.0
+
+    def _get(self, b: int):
+        if b not in self._built:
+            problem = pipeline_problems(b, self.M, self.schedule_name, self.K, "pipeline")
+            if problem:
+                raise ConfigError(problem)
+            stage_cls, schedules = _pipelining()
+            mb = b // self.M
+            inp = torch.empty((mb, *self.stage.in_shape), device="meta").requires_grad_(self.k > 0)
+            out = torch.empty((mb, *self.stage.out_shape), device="meta").requires_grad_(True)
+            pstage = stage_cls(self.stage, self.k, self.K, self.device, input_args=inp, output_args=out)
+            sched = schedules[self.schedule_name](pstage, n_microbatches=self.M, loss_fn=_mean_ce,
+                                                  scale_grads=True)
+            self._built[b] = (pstage, sched)
+        return self._built[b]
+
+    def reset_counters(self, bytes_sent: int, time_compute: float) -> None:
+        """Set the running totals (a resumed run continues its accounting)."""
+        self._bytes_done, self._compute_done = bytes_sent, time_compute
+        for p, _ in self._built.values():
+            p.bytes_sent, p.time_compute = 0, 0.0
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_done + sum(p.bytes_sent for p, _ in self._built.values())
+
+    @property
+    def time_compute(self) -> float:
+        return self._compute_done + sum(p.time_compute for p, _ in self._built.values())
+
+    def step(self, x: torch.Tensor, y: torch.Tensor):
+        """Forward + backward of one batch; returns (mean loss, logits) on the last rank, else (None, None)."""
+        pstage, sched = self._get(y.numel())
+        if self.k == self.K - 1:
+            losses: list = []
+            logits = sched.step(target=y, losses=losses)
+            return torch.stack([v.detach() for v in losses]).mean(), logits
+        if self.k == 0:
+            sched.step(x)
+        else:
+            sched.step()
+        return None, None
+
+
+# ---------------------------------------------------------------------------- the baseline
+
+class PipelineMethod(Method):
+    name = "pipeline"
+
+    def __init__(self, cfg, info, net):
+        super().__init__(cfg, info, net)
+        self.K, self.k = cfg.dist.stages, info.rank
+        self.device = info.device
+        # Build-then-slice: the whole net came from one seed; keep this rank's stage only.
+        stages = net.partition(self.K, cfg.dist.split or None)
+        self.ranges = [s.block_range for s in stages]
+        self.stage = stages[self.k].to(self.device)
+        self.block_range = self.stage.block_range
+        self.net = None
+        self.opt = make_sgd(self.stage.parameters(), cfg)
+        self.log_rank = self.K - 1  # the last stage owns the loss and the accuracy
+        self.nb = Neighbours(info.rank, info.world_size)  # evaluation and the model gather
+        self.runner = PipelineRunner(self.stage, self.k, self.K, self.device, cfg.dist.microbatches,
+                                     cfg.dist.pipeline_schedule)
+        self.time_step = 0.0
+        self.time_optim = 0.0
+
+    @classmethod
+    def check_layout(cls, cfg, info):
+        K = cfg.dist.stages
+        if K < 2:
+            raise DistributedError(
+                f"--method pipeline runs K >= 2 stages, one process each, but --stages {K} was given; "
+                "use --stages 2 or more, or --method serial"
+            )
+        if cfg.dist.dp != 1:
+            raise DistributedError(
+                f"--method pipeline has no data-parallel replicas (--dp {cfg.dist.dp}); use --dp 1")
+        if info.world_size != K:
+            raise DistributedError(
+                f"--stages {K} needs exactly {K} processes (one per stage), but {info.world_size} were started; "
+                f"use --nproc {K} or torchrun --nproc_per_node={K}"
+            )
+        problem = pipeline_problems(cfg.data.batch_size, cfg.dist.microbatches, cfg.dist.pipeline_schedule,
+                                    K, "--method pipeline")
+        if problem:
+            raise ConfigError(problem)
+        _pipelining()
+
+    def stage_name(self, rank: int) -> str:
+        a, b = self.ranges[rank]
+        return f"stage {rank} of {self.K} (blocks {a}-{b - 1})"
+
+    def end_epoch(self, epoch):
+        super().end_epoch(epoch)
+        # The epoch ends when the slowest stage has finished (as for penalty/AL).
+        barrier(self.info)
+
+    # ---- training --------------------------------------------------------------------------
+    def set_lr(self, lr):
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def clip_and_step(self) -> None:
+        clip = self.cfg.optim.grad_clip
+        if clip > 0:
+            # The global norm over every stage, as clip_grad_norm_ of the whole network computes it.
+            grads = [p.grad for p in self.stage.parameters() if p.grad is not None]
+            sq = torch.zeros((), dtype=torch.float64, device=self.device)
+            for g in grads:
+                sq += g.detach().double().pow(2).sum()
+            all_reduce_(self.info, sq)
+            coef = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0).float()
+            for g in grads:
+                g.mul_(coef)
+        self.opt.step()
+
+    def train_step(self, batch, phase, next_idx=None):
+        t0 = time.perf_counter()
+        b = batch.y.numel()
+        self.stage.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss, logits = self.runner.step(batch.x, batch.y)
+        last = self.k == self.K - 1
+        if not last:
+            loss = torch.zeros((), device=self.device)
+        ok = self.finite_guard(loss)  # every rank, before any parameter changes
+        if ok:
+            t1 = time.perf_counter()
+            self.clip_and_step()
+            self.time_optim += time.perf_counter() - t1
+        self.time_step += time.perf_counter() - t0
+        if not ok:  # --on-nan skip: the step is dropped and counts no samples
+            return StepOut(torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long,
+                                                                             device=self.device), 0)
+        correct = ((logits.detach().argmax(1) == batch.y).sum() if last
+                   else torch.zeros((), dtype=torch.long, device=self.device))
+        return StepOut(loss, correct, b)
+
+    @torch.no_grad()
+    def evaluate(self, batches):
+        """Layer-serial forward over the ranks (running BN statistics); any test-batch size."""
+        k, K, nb = self.k, self.K, self.nb
+        self.stage.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        count = 0
+        for i, b in enumerate(batches):
+            n = b.y.numel()
+            inp = b.x if k == 0 else nb.recv((n, *self.stage.in_shape), torch.float32, self.device,
+                                            k - 1, TAG_EVAL, count="eval")
+            out = self.stage(inp)
+            if k < K - 1:
+                nb.isend(out, k + 1, TAG_EVAL, count="eval")
+                if i % 4 == 3:
+                    nb.reap_sends()
+            else:
+                loss_sum += F.cross_entropy(out, b.y, reduction="sum")
+                correct += (out.argmax(1) == b.y).sum()
+                count += n
+        nb.reap_sends(block=True)
+        return loss_sum, correct, count
+
+    # ---- accounting ------------------------------------------------------------------------
+    def comm_bytes(self):
+        """Activations and gradients this rank sent in training steps (evaluation apart)."""
+        return self.runner.bytes_sent
+
+    def _times(self) -> list[list[float]]:
+        K, k = self.K, self.k
+        t = torch.zeros(4, K, dtype=torch.float64, device=self.device)
+        compute = self.runner.time_compute + self.time_optim
+        t[0, k], t[1, k] = compute, 0.0
+        t[2, k], t[3, k] = max(self.time_step - compute, 0.0), self.time_step
+        all_reduce_(self.info, t)
+        return t.tolist()
+
+    def epoch_metrics(self) -> dict:
+        rows = self._times()
+        return {"time_compute_s": rows[0], "time_comm_s": rows[1], "time_wait_s": rows[2]}
+
+    def summary_extras(self) -> dict:
+        rows = self._times()
+        ev = torch.tensor([float(self.nb.bytes_sent_eval)], dtype=torch.float64, device=self.device)
+        all_reduce_(self.info, ev)
+        M, K = self.cfg.dist.microbatches, self.K
+        return {
+            "microbatches": M, "pipeline_schedule": self.cfg.dist.pipeline_schedule,
+            "bubble_fraction": (K - 1) / (M + K - 1), "eval_comm_bytes": int(ev.item()),
+            "time_compute_s": rows[0], "time_comm_s": rows[1], "time_wait_s": rows[2], "time_step_s": rows[3],
+            "time_split_note": "time_wait_s holds posting, waiting and the bubble: torch.distributed."
+                               "pipelining posts and waits inside its schedule, so time_comm_s is not measured",
+        }
+
+    # ---- state -----------------------------------------------------------------------------
+    def _global_stage_state(self) -> dict:
+        """This stage's state_dict with the whole network's key names (blocks renumbered)."""
+        start = self.block_range[0]
+        out = {}
+        for key, v in self.stage.state_dict().items():
+            if key.startswith("blocks."):
+                _, i, rest = key.split(".", 2)
+                key = f"blocks.{start + int(i)}.{rest}"
+            out[key] = v.detach().cpu()
+        return out
+
+    def local_model_state(self) -> dict:
+        return self._global_stage_state()
+
+    def model_state(self):
+        """Gather every stage's tensors on the last rank (p2p, tensors only) as one state_dict."""
+        import torch.distributed as tdist
+
+        mine = self._global_stage_state()
+        if self.k != self.log_rank:
+            tdist.send_object_list([{key: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                                     for key, v in mine.items()}], dst=self.log_rank)
+            for v in mine.values():
+                tdist.send(v.contiguous(), dst=self.log_rank)
+            return None
+        full = {}
+        for src in range(self.K - 1):
+            meta = [None]
+            tdist.recv_object_list(meta, src=src)
+            for key, (shape, dtype) in meta[0].items():
+                buf = torch.empty(shape, dtype=getattr(torch, dtype))
+                tdist.recv(buf, src=src)
+                full[key] = buf
+        full.update(mine)
+        return full
+
+    def state_dict(self):
+        """Stage tensors, optimizer, and the counters (skipped steps, bytes, times)."""
+        r = self.runner
+        return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(),
+                "skipped_steps": self.skipped_steps,
+                "counters": {"bytes_sent": r.bytes_sent, "bytes_sent_eval": self.nb.bytes_sent_eval,
+                             "time_compute": r.time_compute, "time_optim": self.time_optim,
+                             "time_step": self.time_step}}
+
+    def load_state_dict(self, state):
+        self.stage.load_state_dict(state["stage"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        c = state.get("counters") or {}
+        self.runner.reset_counters(int(c.get("bytes_sent", 0)), float(c.get("time_compute", 0.0)))
+        self.nb.bytes_sent_eval = int(c.get("bytes_sent_eval", 0))
+        self.time_optim, self.time_step = float(c.get("time_optim", 0.0)), float(c.get("time_step", 0.0))
+
+
+# ---------------------------------------------------------------------------- SPH serial phase
+
+class PipelineSerialExecutor:
+    """The SPH serial phase of penalty/AL as a micro-batched pipeline (``--serial-executor pipeline``).
+
+    Same interface and same update as :class:`~auxpar.coupling.layer_parallel.LayerSerialExecutor`
+    (backprop of the whole network over the K ranks on the same batch): equal up to float
+    rounding on a model without BN; with BN, each micro-batch is normalized with its own
+    statistics and running statistics move once per micro-batch (GPipe semantics), so with
+    M > 1 the update differs as micro-batch BN differs from batch BN. The optimizer step is the
+    method's (``clip_and_step``: per-stage clipping, as the layer executor does). Its bytes go
+    into the method's training traffic, its time into the method's compute and wait.
+    """
+
+    name = "pipeline"
+
+    def __init__(self, method):
+        self.m = method
+        cfg = method.cfg
+        problem = pipeline_problems(cfg.data.batch_size, cfg.dist.microbatches, cfg.dist.pipeline_schedule,
+                                    method.K, "--serial-executor pipeline")
+        if problem:
+            raise ConfigError(problem)
+        _pipelining()
+        self.runner = PipelineRunner(method.stage, method.k, method.K, method.device, cfg.dist.microbatches,
+                                     cfg.dist.pipeline_schedule)
+
+    def train_step(self, batch) -> StepOut:
+        m, k, K = self.m, self.m.k, self.m.K
+        b = batch.y.numel()
+        m.stage.train()
+        m.opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        bytes0, compute0 = self.runner.bytes_sent, self.runner.time_compute
+        loss, logits = self.runner.step(batch.x, batch.y)
+        compute = self.runner.time_compute - compute0
+        m.time_compute += compute
+        m.nb.time_wait += max(time.perf_counter() - t0 - compute, 0.0)
+        m.nb.bytes_sent += self.runner.bytes_sent - bytes0
+        if k < K - 1:
+            loss = torch.zeros((), device=m.device)
+        if not m.finite_guard(loss):
+            return StepOut(torch.zeros((), device=m.device), torch.zeros((), dtype=torch.long, device=m.device), 0)
+        t0 = time.perf_counter()
+        m.clip_and_step()
+        m.time_compute += time.perf_counter() - t0
+        correct = ((logits.detach().argmax(1) == batch.y).sum() if k == K - 1
+                   else torch.zeros((), dtype=torch.long, device=m.device))
+        return StepOut(loss, correct, b)
