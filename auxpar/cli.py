@@ -48,6 +48,7 @@ FLAG_KEYS = {
     "mgrit_tol": ("mgrit", "tol"), "mgrit_relax": ("mgrit", "relax"), "mgrit_nested": ("mgrit", "nested"),
     "mgrit_step": ("mgrit", "step"), "mgrit_cweight": ("mgrit", "cweight"),
     "mgrit_final_relax": ("mgrit", "final_relax"), "mgrit_warm_start": ("mgrit", "warm_start"),
+    "mgrit_warm_mode": ("mgrit", "warm_mode"), "mgrit_warm_adjoint": ("mgrit", "warm_adjoint"),
 }
 
 
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mgrit-nested", action="store_const", const=True, help="nested-iteration start")
     g.add_argument("--mgrit-no-warm-start", dest="mgrit_warm_start", action="store_const", const=False,
                    help="start every step's solve from scratch instead of the previous step's states")
+    g.add_argument("--mgrit-warm-mode", choices=["mean", "states"],
+                   help="warm start from the previous step's batch-mean states or its per-sample states")
+    g.add_argument("--mgrit-warm-adjoint", action="store_const", const=True,
+                   help="warm-start the adjoint solve too")
     g.add_argument("--mgrit-step", type=float, metavar="H", help="h scaling the residual branch (1 = ResNet)")
     g = t.add_argument_group("parallel layout")
     g.add_argument("--dp", type=int, metavar="N", help="data-parallel replicas of the layer-parallel group (mgrit)")
@@ -161,13 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     for module in EXTRA_COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # TEMP while helpers build their modules
-            if exc.name == module:
-                continue
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -197,7 +196,12 @@ def load_config(args: argparse.Namespace):
     from auxpar.config import build_config, load_toml
 
     file_data = load_toml(args.config) if args.config else {}
-    return build_config(file_data, overrides_from_args(args), source=args.config or "config")
+    overrides = overrides_from_args(args)
+    method = overrides.get("run", {}).get("method") or file_data.get("run", {}).get("method")
+    if method == "mgrit" and getattr(args, "schedule", None) is not None:
+        # --schedule is the SPH phase list of whichever method runs: mgrit keeps its own key
+        overrides.setdefault("mgrit", {})["schedule"] = overrides["coupling"].pop("schedule")
+    return build_config(file_data, overrides, source=args.config or "config")
 
 
 def _setup_logging(quiet: bool) -> None:

@@ -3,6 +3,7 @@
 A model file is a plain dict (tensors, strings, numbers) written with ``torch.save``::
 
     {"format": "auxpar-model/1", "arch": {name, in_channels, input_size, num_classes, dropout, norm},
+     "residual_step": h (1 = standard ResNet; MGRIT's --mgrit-step),
      "dataset": ..., "method": ..., "stages": K, "step": ..., "test_acc": ..., "state_dict": {...}}
 
 It loads with ``torch.load(path, weights_only=True)`` into the serial model
@@ -39,6 +40,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     arch = obj["arch"]
     net = build_model(arch["name"], in_channels=arch["in_channels"], input_size=arch["input_size"],
                       num_classes=arch["num_classes"], dropout=arch["dropout"], norm=arch["norm"])
+    if float(obj.get("residual_step", 1.0)) != 1.0:
+        net.set_step(float(obj["residual_step"]))  # MGRIT with --mgrit-step h: u + h f(u)
     try:
         net.load_state_dict(obj["state_dict"])
     except RuntimeError as exc:
@@ -77,7 +80,8 @@ def export_checkpoint(ckpt: Path) -> dict:
         raise ConfigError(f"{ckpt}: the ranks' files lack {len(missing)} tensors of the model "
                           f"(e.g. {missing[0]}); a rank file is missing or from another run")
     meta = man["meta"]
-    return {"format": MODEL_FORMAT, "arch": dict(arch), "dataset": meta["dataset"], "method": meta["method"],
+    return {"format": MODEL_FORMAT, "arch": dict(arch), "residual_step": man.get("residual_step", 1.0),
+            "dataset": meta["dataset"], "method": meta["method"],
             "stages": meta["stages"], "step": man["step"], "test_acc": man.get("test_acc"),
             "state_dict": {k: state[k] for k in ref}}
 

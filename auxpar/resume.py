@@ -290,6 +290,7 @@ class CheckpointSaver:
             man = {"format": checkpoint.CKPT_FORMAT, "step": loop.step, "epoch": loop.epoch,
                    "position": loop.position, "meta": run_meta(self.cfg, info), "files": files,
                    "arch": self.arch, "test_acc": loop.last.get("test_acc"),
+                   "residual_step": self.cfg.mgrit.step if self.cfg.run.method == "mgrit" else 1.0,
                    "bytes": int(sum(allv[r * 9] for r in range(w))),
                    "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             checkpoint.write_json(man, d / checkpoint.MANIFEST)
@@ -308,6 +309,7 @@ class CheckpointSaver:
 def model_file(arch: dict, cfg: Config, state_dict: dict, test_acc, step: int) -> dict:
     """An ordinary model file: load with ``torch.load(f, weights_only=True)`` and
     ``auxpar.models.build_model(**arch)`` (see :func:`auxpar.export.load_model`)."""
-    return {"format": MODEL_FORMAT, "arch": dict(arch), "dataset": cfg.data.dataset,
+    h = cfg.mgrit.step if cfg.run.method == "mgrit" else 1.0
+    return {"format": MODEL_FORMAT, "arch": dict(arch), "residual_step": h, "dataset": cfg.data.dataset,
             "method": cfg.run.method, "stages": cfg.dist.stages, "step": step,
             "test_acc": test_acc, "state_dict": state_dict}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from auxpar.coupling.base import Method, StepOut
 from auxpar.coupling.layer_parallel import AugmentedLagrangianMethod, PenaltyMethod
+from auxpar.coupling.mgrit import MgritMethod
 from auxpar.coupling.pipeline import PipelineMethod
 from auxpar.coupling.serial import DDPMethod, SerialMethod
 from auxpar.errors import ConfigError
@@ -17,6 +18,7 @@ _REGISTRY: dict[str, type[Method]] = {
     "ddp": DDPMethod,
     "penalty": PenaltyMethod,
     "al": AugmentedLagrangianMethod,
+    "mgrit": MgritMethod,
     "pipeline": PipelineMethod,
 }
 
@@ -29,4 +31,4 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = ["Method", "StepOut", "SerialMethod", "DDPMethod", "PenaltyMethod", "AugmentedLagrangianMethod",
-           "PipelineMethod", "get_method"]
+           "PipelineMethod", "MgritMethod", "get_method"]
