@@ -34,7 +34,7 @@ def run(spec: str, seed: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"{name}-k{k}-s{seed}"
     cmd = [sys.executable, "-m", "auxpar", "train", "--config", CONFIG, "--method", name, "--seed", str(seed),
            "--out", str(run_dir), "--overwrite", "--progress", "off", "--threads", "1"]
-    if name in ("penalty", "al"):
+    if name in ("pipeline", "penalty", "al", "mgrit"):  # one process per stage
         cmd += ["--stages", str(k)]
     if k > 1:
         cmd += ["--nproc", str(k)]

@@ -81,21 +81,36 @@ class Method:
         Otherwise, with ``run.on_nan = stop`` it raises one TrainingError (the same on every
         rank) naming the rank(s), their stage and the step; with ``skip`` it returns False and
         the method must drop this step (no optimizer step, no aux/multiplier update).
+        ``finite_guard(x)`` is ``guard_wait(guard_post(x))``; post as soon as the loss exists
+        and wait right before the step, so the all-reduce overlaps the backward pass.
         """
-        from auxpar.distributed import all_reduce_
-        from auxpar.errors import TrainingError
+        return self.guard_wait(self.guard_post(*losses))
+
+    def guard_post(self, *losses: torch.Tensor):
+        """Start the guard's all-reduce for this rank's losses (asynchronous); see finite_guard."""
+        import torch.distributed as tdist
 
         info = self.info
         if self.cfg.run.on_nan == "off" and not self.poison:
-            return True
+            return None
         bad = torch.zeros(info.world_size, dtype=torch.float32, device=info.device)
         vals = [torch.as_tensor(v, device=info.device).detach().float().reshape(-1) for v in losses]
         if vals:
             bad[info.rank] = (~torch.isfinite(torch.cat(vals))).any().float()
         if self.poison:
             bad[info.rank] = 1.0
-        if info.distributed:
-            all_reduce_(info, bad)
+        work = tdist.all_reduce(bad, async_op=True) if info.distributed else None
+        return bad, work
+
+    def guard_wait(self, handle) -> bool:
+        """Finish a :meth:`guard_post`; True when every rank's losses were finite."""
+        from auxpar.errors import TrainingError
+
+        if handle is None:
+            return True
+        bad, work = handle
+        if work is not None:
+            work.wait()
         flags = bad.tolist()  # the one host read of the guard
         ranks = [r for r, f in enumerate(flags) if f > 0]
         if not ranks:

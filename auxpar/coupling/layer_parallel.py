@@ -333,11 +333,13 @@ class LayerParallelMethod(Method):
         else:
             loss = F.cross_entropy(out, batch.y)
             correct = (out.detach().argmax(1) == batch.y).sum()
+        # Every stage's loss (penalty or CE) is checked across all ranks before any update; the
+        # check's all-reduce runs during the backward pass.
+        guard = self.guard_post(loss)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.time_compute += time.perf_counter() - t0
-        # Every stage's loss (penalty or CE) is checked across all ranks before any update.
-        ok = self.finite_guard(loss)
+        ok = self.guard_wait(guard)
         t0 = time.perf_counter()
         if ok:
             self.clip_and_step()

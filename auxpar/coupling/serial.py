@@ -61,9 +61,10 @@ class SerialMethod(Method):
         self.snapshot_buffers(self.net)
         logits = self.model(batch.x)
         loss = F.cross_entropy(logits, batch.y)
+        guard = self.guard_post(loss)  # every rank's loss, checked before the optimizer step
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.finite_guard(loss):  # every rank's loss, before the optimizer step
+        if self.guard_wait(guard):
             if self.cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
             self.opt.step()
