@@ -546,7 +546,7 @@ def write_markdown(path: Path, plan: dict, records: list[dict], a: dict, plots, 
         f"- runs: {len(done)} of {len(records)} complete"
         + (f" (missing or failed: {len(records) - len(done)}, listed below)" if len(done) < len(records) else ""),
         f"- devices: {', '.join(devices) or 'n/a'}; torch {', '.join(torches) or 'n/a'}",
-        f"- target accuracy: " + (f"{100 * a['target']:.2f}% ({a['target_note']})" if a["target"] is not None
+        "- target accuracy: " + (f"{100 * a['target']:.2f}% ({a['target_note']})" if a["target"] is not None
                                   else a["target_note"]),
         "- speedup: serial's mean training time / the row's mean training time (same study; "
         "training time excludes evaluation and start-up)"

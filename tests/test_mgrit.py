@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 
 import pytest
 import torch
@@ -235,7 +234,7 @@ def _parallel_checks(rank, world):
     F.cross_entropy(ref_bn(x), y).backward()
     rs = ref_bn.state_dict()
     bn_err, n_bn = 0.0, 0
-    for key, v in mb._global_stage_state().items():
+    for key, v in mb.local_model_state().items():
         if "running" in key or "num_batches" in key:
             bn_err = max(bn_err, (v.double() - rs[key].double()).abs().max().item())
             n_bn += 1

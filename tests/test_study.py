@@ -11,7 +11,6 @@ import csv
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 

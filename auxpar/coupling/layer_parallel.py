@@ -38,9 +38,10 @@ import torch.nn.functional as F
 
 from auxpar.coupling.aux_store import DTYPES, AuxStore
 from auxpar.coupling.base import Method, StepOut
-from auxpar.coupling.comm import TAG_ACT, TAG_EVAL, TAG_GRAD, TAG_INIT, TAG_OUTPUT, TAG_TARGET, Neighbours
+from auxpar.coupling.comm import TAG_ACT, TAG_GRAD, TAG_INIT, TAG_OUTPUT, TAG_TARGET, Neighbours
 from auxpar.coupling.ds import DSFilter
 from auxpar.coupling.serial import make_sgd
+from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate
 from auxpar.distributed import all_reduce_, barrier
 from auxpar.errors import DistributedError
 from auxpar.schedule import beta_at, parse_phases, phase_at
@@ -372,28 +373,9 @@ class LayerParallelMethod(Method):
             self.store.put_mu(idx, mu_new)
 
     # ---- evaluation: layer-serial forward, no DS, running BN statistics ---------------------
-    @torch.no_grad()
     def evaluate(self, batches):
-        k, K, nb = self.k, self.K, self.nb
-        self.stage.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        count = 0
-        for i, b in enumerate(batches):
-            n = b.y.numel()
-            inp = b.x if k == 0 else nb.recv((n, *self.stage.in_shape), torch.float32, self.device,
-                                            k - 1, TAG_EVAL, count="eval")
-            out = self.stage(inp)
-            if k < K - 1:
-                nb.isend(out, k + 1, TAG_EVAL, count="eval")
-                if i % 4 == 3:
-                    nb.reap_sends()
-            else:
-                loss_sum += F.cross_entropy(out, b.y, reduction="sum")
-                correct += (out.argmax(1) == b.y).sum()
-                count += n
-        nb.reap_sends(block=True)
-        return loss_sum, correct, count
+        return layer_serial_evaluate(self.stage, self.nb, self.k == 0, self.k == self.K - 1, self.k - 1,
+                                     self.k + 1, batches, self.device)
 
     # ---- accounting -----------------------------------------------------------------------
     def _zero_acc(self) -> dict:
@@ -446,44 +428,15 @@ class LayerParallelMethod(Method):
         return int(t.item())
 
     # ---- state ----------------------------------------------------------------------------
-    def _global_stage_state(self) -> dict:
-        """This stage's state_dict with the whole network's key names (blocks renumbered)."""
-        start = self.block_range[0]
-        out = {}
-        for key, v in self.stage.state_dict().items():
-            if key.startswith("blocks."):
-                _, i, rest = key.split(".", 2)
-                key = f"blocks.{start + int(i)}.{rest}"
-            out[key] = v.detach().cpu()
-        return out
-
     def model_state(self):
         """Gather every stage's tensors on the last rank (p2p, tensors only) as one state_dict."""
-        import torch.distributed as tdist
-
-        mine = self._global_stage_state()
-        if self.k != self.log_rank:
-            tdist.send_object_list([{key: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                                     for key, v in mine.items()}], dst=self.log_rank)
-            for v in mine.values():
-                tdist.send(v.contiguous(), dst=self.log_rank)
-            return None
-        full = {}
-        for src in range(self.K - 1):
-            meta = [None]
-            tdist.recv_object_list(meta, src=src)
-            for key, (shape, dtype) in meta[0].items():
-                buf = torch.empty(shape, dtype=getattr(torch, dtype))
-                tdist.recv(buf, src=src)
-                full[key] = buf
-        full.update(mine)
-        return full
+        return gather_state(self.local_model_state(), self.k, self.log_rank, list(range(self.K - 1)))
 
     def stage_name(self, rank: int) -> str:
         return f"stage {rank} of {self.K}" + (" (the loss)" if rank == self.K - 1 else "")
 
     def local_model_state(self):
-        return self._global_stage_state()
+        return global_stage_state(self.stage, self.block_range[0])
 
     def state_dict(self):
         """Stage, optimizer, beta, aux states and multipliers (in their storage dtype: a bf16

@@ -54,16 +54,16 @@ import math
 import time
 
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 
 from auxpar.coupling.base import Method, StepOut
 from auxpar.coupling.comm import Neighbours
 from auxpar.coupling.serial import make_sgd
+from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate
 from auxpar.distributed import barrier
 from auxpar.errors import ConfigError, DistributedError
 from auxpar.mgrit.grid import build_hierarchy, level_views, mgrit_split
-from auxpar.mgrit.mesh import TAG_BWD, TAG_EVAL, TAG_FWD, TAG_SACT, TAG_SGRAD, ChainComm, Mesh
+from auxpar.mgrit.mesh import TAG_BWD, TAG_FWD, TAG_SACT, TAG_SGRAD, ChainComm, Mesh
 from auxpar.mgrit.propagators import AdjointProp, ForwardProp, StageBlocks, frozen_bn
 from auxpar.mgrit.solver import MgritSolver, Settings
 from auxpar.schedule import parse_phases, phase_at
@@ -194,7 +194,7 @@ class MgritMethod(Method):
     def solve_forward(self, x: torch.Tensor, keep_graph: bool = True):
         """Stem (rank 0) and the forward MGRIT solve; returns (u_0 with its graph or None, result, prop)."""
         b = x.shape[0]
-        k, K = self.k, self.K
+        k = self.k
         u0 = None
         fixed = None
         if k == 0:
@@ -455,66 +455,23 @@ class MgritMethod(Method):
         return self.nb.bytes_sent + self.dp_bytes
 
     # ---- evaluation: exact layer-serial forward, running BN statistics ----------------------
-    @torch.no_grad()
     def evaluate(self, batches):
-        k, K, nb, mesh = self.k, self.K, self.nb, self.mesh
-        self.stage.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        count = 0
-        for i, bt in enumerate(batches):
-            n = bt.y.numel()
-            inp = bt.x if k == 0 else nb.recv((n, *self.stage.in_shape), torch.float32, self.device,
-                                             mesh.prev, TAG_EVAL, count="eval")
-            out = self.stage(inp)
-            if k < K - 1:
-                nb.isend(out, mesh.next, TAG_EVAL, count="eval")
-                if i % 4 == 3:
-                    nb.reap_sends()
-            else:
-                loss_sum += F.cross_entropy(out, bt.y, reduction="sum")
-                correct += (out.argmax(1) == bt.y).sum()
-                count += n
-        nb.reap_sends(block=True)
-        return loss_sum, correct, count
+        mesh = self.mesh
+        return layer_serial_evaluate(self.stage, self.nb, self.k == 0, self.k == self.K - 1, mesh.prev,
+                                     mesh.next, batches, self.device)
 
     # ---- state ------------------------------------------------------------------------------
-    def _global_stage_state(self) -> dict:
-        start = self.block_range[0]
-        out = {}
-        for key, v in self.stage.state_dict().items():
-            if key.startswith("blocks."):
-                _, i, rest = key.split(".", 2)
-                key = f"blocks.{start + int(i)}.{rest}"
-            out[key] = v.detach().cpu()
-        return out
-
     def local_model_state(self) -> dict:
-        return self._global_stage_state() if self.d == 0 else {}
+        return global_stage_state(self.stage, self.block_range[0]) if self.d == 0 else {}
 
     def model_state(self):
         """Replica 0's stages send their tensors to the last stage (p2p); others return None."""
         if self.d != 0:
             return None
-        mine = self._global_stage_state()
+        mine = self.local_model_state()
         if self.info.world_size == 1:
             return mine
-        if self.k != self.log_rank:
-            tdist.send_object_list([{key: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                                     for key, v in mine.items()}], dst=self.log_rank)
-            for v in mine.values():
-                tdist.send(v.contiguous(), dst=self.log_rank)
-            return None
-        full = {}
-        for src in range(self.K - 1):
-            meta = [None]
-            tdist.recv_object_list(meta, src=src)
-            for key, (shape, dtype) in meta[0].items():
-                buf = torch.empty(shape, dtype=getattr(torch, dtype))
-                tdist.recv(buf, src=src)
-                full[key] = buf
-        full.update(mine)
-        return full
+        return gather_state(mine, self.k, self.log_rank, list(range(self.K - 1)))
 
     def state_dict(self):
         warm = {key: (None if v is None else {int(p): t for p, t in v.items()}) for key, v in self.warm.items()}
