@@ -37,28 +37,26 @@ def batchnorms(module: torch.nn.Module) -> list[_BatchNorm]:
 
 
 @contextmanager
+def bn_tracking(bns: list[_BatchNorm], on: bool):
+    """Set ``track_running_stats`` of ``bns`` inside the block (restored after)."""
+    saved = [m.track_running_stats for m in bns]
+    for m in bns:
+        m.track_running_stats = on
+    try:
+        yield
+    finally:
+        for m, s in zip(bns, saved):
+            m.track_running_stats = s
+
+
 def frozen_bn(bns: list[_BatchNorm]):
     """Batch statistics for normalization, no running-statistics update, inside the block."""
-    saved = [m.track_running_stats for m in bns]
-    for m in bns:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m, s in zip(bns, saved):
-            m.track_running_stats = s
+    return bn_tracking(bns, False)
 
 
-@contextmanager
 def tracking_bn(bns: list[_BatchNorm]):
-    saved = [m.track_running_stats for m in bns]
-    for m in bns:
-        m.track_running_stats = True
-    try:
-        yield
-    finally:
-        for m, s in zip(bns, saved):
-            m.track_running_stats = s
+    """Running statistics updated (once) by the block's forward."""
+    return bn_tracking(bns, True)
 
 
 class StageBlocks:
