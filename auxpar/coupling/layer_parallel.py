@@ -38,13 +38,14 @@ import torch.nn.functional as F
 
 from auxpar.coupling.aux_store import DTYPES, AuxStore
 from auxpar.coupling.base import Method, StepOut
-from auxpar.coupling.comm import TAG_ACT, TAG_GRAD, TAG_INIT, TAG_OUTPUT, TAG_TARGET, Neighbours
+from auxpar.coupling.comm import P2P
 from auxpar.coupling.ds import DSFilter
 from auxpar.coupling.serial import make_sgd
-from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate
+from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate, stage_layouts
 from auxpar.distributed import all_reduce_, barrier
 from auxpar.errors import DistributedError
 from auxpar.schedule import beta_at, parse_phases, phase_at
+from auxpar.timing import Clock, sync
 
 
 def aux_update(rule: str, z: torch.Tensor, o: torch.Tensor, g: torch.Tensor, mu: torch.Tensor | None,
@@ -97,22 +98,23 @@ class LayerSerialExecutor:
         self.m = method
 
     def train_step(self, batch) -> StepOut:
-        m, nb, k, K = self.m, self.m.nb, self.m.k, self.m.K
+        m, p2p, clock, k, K = self.m, self.m.p2p, self.m.clock, self.m.k, self.m.K
         b = batch.y.numel()
         m.stage.train()
         m.snapshot_buffers(m.stage)
+        # Messages with each neighbour, in order: activation k -> k+1, then gradient k+1 -> k.
         if k == 0:
             inp = batch.x
         else:
-            inp = nb.recv((b, *m.stage.in_shape), torch.float32, m.device, k - 1, TAG_ACT)
+            inp = p2p.recv((b, *m.stage.in_shape), torch.float32, k - 1)
             inp.requires_grad_(True)
-        t0 = time.perf_counter()
+        tok = clock.start()
         out = m.stage(inp)
         if k < K - 1:
-            m.time_compute += time.perf_counter() - t0
-            nb.send(out.detach(), k + 1, TAG_ACT)
-            grad = nb.recv((b, *m.stage.out_shape), torch.float32, m.device, k + 1, TAG_GRAD)
-            t0 = time.perf_counter()
+            clock.stop("compute", tok)
+            p2p.send(out.detach().float(), k + 1)
+            grad = p2p.recv((b, *m.stage.out_shape), torch.float32, k + 1)
+            tok = clock.start()
             m.opt.zero_grad(set_to_none=True)
             out.backward(grad)
             loss = torch.zeros((), device=m.device)
@@ -123,16 +125,15 @@ class LayerSerialExecutor:
             loss.backward()
             loss = loss.detach()
             correct = (out.detach().argmax(1) == batch.y).sum()
-        m.time_compute += time.perf_counter() - t0
+        clock.stop("compute", tok)
         if k > 0:
-            nb.send(inp.grad, k - 1, TAG_GRAD)
+            p2p.send(inp.grad, k - 1)
         # NaN guard after the gradient went upstream (every rank must reach it): the last stage
         # checks its loss, the others their output, so the first rank named is where it started.
         check = loss if k == K - 1 else out.detach().float().sum()
         if m.finite_guard(check):
-            t0 = time.perf_counter()
-            m.clip_and_step()
-            m.time_compute += time.perf_counter() - t0
+            with clock.section("compute"):
+                m.clip_and_step()
         return StepOut(loss, correct, b)
 
 
@@ -149,11 +150,13 @@ class LayerParallelMethod(Method):
         stages = net.partition(self.K, cfg.dist.split or None)
         for s in stages[:-1]:  # every rank checks every boundary, so all ranks fail alike
             DSFilter(s.out_shape, c.ds_factor, c.ds_mode, c.upsample, where=f"boundary {s.index + 1}")
+        self.layouts = stage_layouts(stages)  # every stage's tensors, for the model.pt gather
         self.stage = stages[self.k].to(self.device)
         self.block_range = self.stage.block_range
         self.net = None
         self.opt = make_sgd(self.stage.parameters(), cfg)
-        self.nb = Neighbours(info.rank, info.world_size)
+        self.clock = Clock(self.device)
+        self.p2p = P2P(info.rank, self.device, info.backend, clock=self.clock)
         self.log_rank = self.K - 1  # the last stage owns the loss and the accuracy
         self.send_dtype = DTYPES[c.aux_dtype]
         self.ds_in = (DSFilter(self.stage.in_shape, c.ds_factor, c.ds_mode, c.upsample,
@@ -172,7 +175,6 @@ class LayerParallelMethod(Method):
         self.store: AuxStore | None = None
         self.train_set = None
         self.stale = True  # aux states must be (re-)initialized before the next parallel step
-        self.time_compute = 0.0
         self._posted: dict[int, dict] = {}
         self._j = 0
         self._epoch_acc = self._zero_acc()
@@ -215,13 +217,14 @@ class LayerParallelMethod(Method):
         if phase == "parallel" and self.stale:
             t0 = time.perf_counter()
             self.reinitialize()
+            sync(self.device)  # a host clock after queued device work is only true once it ran
             spent["reinit"] = time.perf_counter() - t0
         if phase == "serial":
             self.stale = True  # the parameters move: the states no longer match F
         return spent
 
     def end_epoch(self, epoch):
-        self.nb.reap_sends(block=True)
+        self.p2p.reap(block=True)
         super().end_epoch(epoch)
         # One barrier per epoch: the epoch ends when the slowest stage has finished, so the
         # epoch time the last rank reports is the job's, not the fastest rank's.
@@ -247,22 +250,24 @@ class LayerParallelMethod(Method):
         for mod in dropouts:
             mod.eval()
         bs = self.cfg.data.batch_size
+        p2p, clock = self.p2p, self.clock
         for i, batch in enumerate(eval_batches(self.train_set, bs, self.device)):
             b = batch.y.numel()
-            t0 = time.perf_counter()
+            # One message per batch, k -> k+1: the stored boundary state of stage k+1.
+            o = p2p.recv((b, *self.ds_in.shape), self.send_dtype, self.k - 1) if self.k > 0 else None
+            tok = clock.start()
             if self.k == 0:
                 inp = batch.x
             else:
-                o = self.nb.recv((b, *self.ds_in.shape), self.send_dtype, self.device, self.k - 1, TAG_INIT)
                 self.store.put_z(batch.idx, o)
                 inp = self.ds_in.up(self.store.get_z(batch.idx))
             out = self.stage(inp) if self.k < self.K - 1 else None
-            self.time_compute += time.perf_counter() - t0
+            clock.stop("compute", tok)
             if out is not None:
-                self.nb.isend(self.ds_out.down(out).to(self.send_dtype), self.k + 1, TAG_INIT)
+                p2p.send_async(self.ds_out.down(out).to(self.send_dtype), self.k + 1)
                 if i % 4 == 3:
-                    self.nb.reap_sends()
-        self.nb.reap_sends(block=True)
+                    p2p.reap()
+        p2p.reap(block=True)
         for mod in dropouts:
             mod.train()
         if self.store is not None and self.cfg.coupling.mu_reset:
@@ -284,10 +289,16 @@ class LayerParallelMethod(Method):
             return self.executor.train_step(batch)
         return self._parallel_step(batch, next_idx)
 
-    def _post(self, idx: torch.Tensor, j: int) -> None:
-        """Post step j's messages: send t_k[B] down, receive t_{k+1}[B] and o_k[B]."""
+    # The parallel step's protocol. Two exchanges per step j, each ONE batched exchange, issued
+    # in the same order on every rank:
+    #   T(j): target t_k[B_j] down to k-1, t_{k+1}[B_j] from k+1  (posted one step early)
+    #   O(j): output o_{k+1}[B_j] = D(F_k(.)) up to k+1, o_k[B_j] from k-1  (after the forward)
+    # so every rank issues ... T(j+1), O(j), guard(j), T(j+2), O(j+1), guard(j+1) ... and two
+    # neighbours always agree on the n-th message between them (NCCL matches in issue order).
+    def _post_targets(self, idx: torch.Tensor, j: int) -> None:
+        """Post T(j): send t_k[B_j] down, receive t_{k+1}[B_j] from above."""
         b = idx.numel()
-        rec = {}
+        rec, sends, recvs = {}, [], []
         if self.k > 0:
             # Rows of B cannot change before step j uses them (an epoch's batches are disjoint
             # and updates only touch the current batch), so this gather serves step j too.
@@ -295,23 +306,22 @@ class LayerParallelMethod(Method):
             mu = self.store.get_mu(idx)
             rec["z"], rec["mu"] = z, mu
             t = z if mu is None else z - mu / self.beta_in
-            self.nb.isend(t.to(self.send_dtype), self.k - 1, TAG_TARGET + j % 2)
-            rec["o"] = self.nb.irecv((b, *self.ds_in.shape), self.send_dtype, self.device, self.k - 1,
-                                     TAG_OUTPUT + j % 2)
+            sends.append((t.to(self.send_dtype), self.k - 1))
         if self.k < self.K - 1:
-            rec["t"] = self.nb.irecv((b, *self.ds_out.shape), self.send_dtype, self.device, self.k + 1,
-                                     TAG_TARGET + j % 2)
+            recvs.append(((b, *self.ds_out.shape), self.send_dtype, self.k + 1))
+        rec["T"] = self.p2p.keep(self.p2p.exchange(sends, recvs))  # kept: its send must finish by epoch end
         self._posted[j] = rec
 
     def _parallel_step(self, batch, next_idx):
-        j, k, K, nb = self._j, self.k, self.K, self.nb
+        j, k, K, p2p, clock = self._j, self.k, self.K, self.p2p, self.clock
+        b = batch.y.numel()
         if j not in self._posted:
-            self._post(batch.idx, j)
+            self._post_targets(batch.idx, j)
         if next_idx is not None:
-            self._post(next_idx, j + 1)  # early: t for the next batch is known before this compute
+            self._post_targets(next_idx, j + 1)  # early: t for the next batch arrives during this compute
         rec = self._posted.pop(j)
         acc = self._epoch_acc
-        t0 = time.perf_counter()
+        tok = clock.start()
         self.stage.train()
         self.snapshot_buffers(self.stage)
         if k == 0:
@@ -320,18 +330,23 @@ class LayerParallelMethod(Method):
             zb = rec["z"].requires_grad_(True)  # N x C x H/s x W/s
             inp = self.ds_in.up(zb)
         out = self.stage(inp)
+        o = self.ds_out.down(out) if k < K - 1 else None  # N x C' x H'/s x W'/s
+        clock.stop("compute", tok)
+
+        # O(j): our output up, the output of the stage below (for the aux update) in.
+        up = [(o.detach().to(self.send_dtype), k + 1)] if o is not None else []
+        down = [((b, *self.ds_in.shape), self.send_dtype, k - 1)] if k > 0 else []
+        out_ex = p2p.keep(p2p.exchange(up, down))
+
         if k < K - 1:
-            o = self.ds_out.down(out)  # N x C' x H'/s x W'/s
-            self.time_compute += time.perf_counter() - t0
-            nb.isend(o.detach().to(self.send_dtype), k + 1, TAG_OUTPUT + j % 2)
-            work, tbuf = rec["t"]
-            nb.wait(work)
-            t0 = time.perf_counter()
-            sq = (o - tbuf.float()).pow(2).flatten(1).sum(1)  # per-sample ||o - t||^2
+            tbuf = rec["T"].wait()[0]
+            tok = clock.start()
+            sq = (o.float() - tbuf.float()).pow(2).flatten(1).sum(1)  # per-sample ||o - t||^2
             loss = 0.5 * self.beta_out * sq.mean()
             correct = torch.zeros((), dtype=torch.long, device=self.device)
             acc["penalty"] += loss.detach()
         else:
+            tok = clock.start()
             loss = F.cross_entropy(out, batch.y)
             correct = (out.detach().argmax(1) == batch.y).sum()
         # Every stage's loss (penalty or CE) is checked across all ranks before any update; the
@@ -339,25 +354,21 @@ class LayerParallelMethod(Method):
         guard = self.guard_post(loss)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.time_compute += time.perf_counter() - t0
+        clock.stop("compute", tok)
         ok = self.guard_wait(guard)
-        t0 = time.perf_counter()
         if ok:
-            self.clip_and_step()
-        self.time_compute += time.perf_counter() - t0
+            with clock.section("compute"):
+                self.clip_and_step()
         acc["steps"] += 1
         if k > 0:
-            work, obuf = rec["o"]
-            nb.wait(work)
-            t0 = time.perf_counter()
+            obuf = out_ex.wait()[0]
             if ok:
-                # Per-sample, sum-reduced input gradient of this stage's own loss.
-                g = zb.grad * batch.y.numel()
-                self._update_aux(batch.idx, zb.detach(), obuf.float(), g, rec["mu"])
-            self.time_compute += time.perf_counter() - t0
-        nb.reap_sends()
+                with clock.section("compute"):
+                    g = zb.grad * b  # per-sample, sum-reduced input gradient of this stage's own loss
+                    self._update_aux(batch.idx, zb.detach(), obuf.float(), g, rec["mu"])
+        p2p.reap()
         self._j += 1
-        return StepOut(loss.detach(), correct, batch.y.numel())
+        return StepOut(loss.detach(), correct, b)
 
     @torch.no_grad()
     def _update_aux(self, idx, z, o, g, mu) -> None:
@@ -374,7 +385,7 @@ class LayerParallelMethod(Method):
 
     # ---- evaluation: layer-serial forward, no DS, running BN statistics ---------------------
     def evaluate(self, batches):
-        return layer_serial_evaluate(self.stage, self.nb, self.k == 0, self.k == self.K - 1, self.k - 1,
+        return layer_serial_evaluate(self.stage, self.p2p, self.k == 0, self.k == self.K - 1, self.k - 1,
                                      self.k + 1, batches, self.device)
 
     # ---- accounting -----------------------------------------------------------------------
@@ -384,7 +395,7 @@ class LayerParallelMethod(Method):
 
     def comm_bytes(self):
         """Training traffic (parallel steps, re-initialization, serial phase); evaluation apart."""
-        return self.nb.bytes_sent
+        return self.p2p.bytes_sent
 
     def epoch_metrics(self) -> dict:
         """Per-boundary and per-rank numbers of the epoch (a collective: every rank calls it)."""
@@ -396,7 +407,8 @@ class LayerParallelMethod(Method):
             t[1, k + 1] = acc["penalty"] / acc["steps"]
         if self.store is not None:
             t[2, k] = self.store.mean_mu_norm()
-        t[3, k], t[4, k], t[5, k] = self.time_compute, self.nb.time_comm, self.nb.time_wait
+        tt = self.clock.totals()
+        t[3, k], t[4, k], t[5, k] = tt["compute"], tt["comm"], tt["wait"]
         all_reduce_(self.info, t)
         rows = t.tolist()
         ran_parallel = acc["steps"] > 0
@@ -423,14 +435,15 @@ class LayerParallelMethod(Method):
         }
 
     def _eval_bytes_total(self) -> int:
-        t = torch.tensor([float(self.nb.bytes_sent_eval)], dtype=torch.float64, device=self.device)
+        t = torch.tensor([float(self.p2p.bytes_sent_eval)], dtype=torch.float64, device=self.device)
         all_reduce_(self.info, t)
         return int(t.item())
 
     # ---- state ----------------------------------------------------------------------------
     def model_state(self):
         """Gather every stage's tensors on the last rank (p2p, tensors only) as one state_dict."""
-        return gather_state(self.local_model_state(), self.k, self.log_rank, list(range(self.K - 1)))
+        mine = global_stage_state(self.stage, self.block_range[0], self.device)  # sent from the device
+        return gather_state(self.p2p, mine, self.k, self.log_rank, {r: self.layouts[r] for r in range(self.K - 1)})
 
     def stage_name(self, rank: int) -> str:
         return f"stage {rank} of {self.K}" + (" (the loss)" if rank == self.K - 1 else "")
@@ -441,13 +454,12 @@ class LayerParallelMethod(Method):
     def state_dict(self):
         """Stage, optimizer, beta, aux states and multipliers (in their storage dtype: a bf16
         store checkpoints at half the fp32 size), and the accounting counters."""
-        nb = self.nb
+        p2p = self.p2p
         return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(), "beta": self.beta,
                 "stale": self.stale, "aux": self.store.state_dict() if self.store is not None else None,
                 "skipped_steps": self.skipped_steps,
-                "counters": {"bytes_sent": nb.bytes_sent, "bytes_sent_eval": nb.bytes_sent_eval,
-                             "time_comm": nb.time_comm, "time_wait": nb.time_wait,
-                             "time_compute": self.time_compute}}
+                "counters": {"bytes_sent": p2p.bytes_sent, "bytes_sent_eval": p2p.bytes_sent_eval,
+                             **self.clock.state_dict()}}
 
     def load_state_dict(self, state):
         self.stage.load_state_dict(state["stage"])
@@ -457,10 +469,9 @@ class LayerParallelMethod(Method):
             self.store.load_state_dict(state["aux"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         c = state.get("counters") or {}
-        nb = self.nb
-        nb.bytes_sent, nb.bytes_sent_eval = int(c.get("bytes_sent", 0)), int(c.get("bytes_sent_eval", 0))
-        nb.time_comm, nb.time_wait = float(c.get("time_comm", 0.0)), float(c.get("time_wait", 0.0))
-        self.time_compute = float(c.get("time_compute", 0.0))
+        p2p = self.p2p
+        p2p.bytes_sent, p2p.bytes_sent_eval = int(c.get("bytes_sent", 0)), int(c.get("bytes_sent_eval", 0))
+        self.clock.load_state_dict(c)
 
     def epoch_state(self):
         return {"j": self._j, "acc": dict(self._epoch_acc)}

@@ -51,22 +51,22 @@ data-parallel group before the guard and the step. BN statistics are per replica
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
 from auxpar.coupling.base import Method, StepOut
-from auxpar.coupling.comm import Neighbours
+from auxpar.coupling.comm import P2P
 from auxpar.coupling.serial import make_sgd
-from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate
+from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate, stage_layouts
 from auxpar.distributed import barrier
 from auxpar.errors import ConfigError, DistributedError
 from auxpar.mgrit.grid import build_hierarchy, level_views, mgrit_split
-from auxpar.mgrit.mesh import TAG_BWD, TAG_FWD, TAG_SACT, TAG_SGRAD, ChainComm, Mesh
+from auxpar.mgrit.mesh import ChainComm, Mesh
 from auxpar.mgrit.propagators import AdjointProp, ForwardProp, StageBlocks, frozen_bn
 from auxpar.mgrit.solver import MgritSolver, Settings
 from auxpar.schedule import parse_phases, phase_at
+from auxpar.timing import Clock
 
 
 class MgritMethod(Method):
@@ -92,21 +92,22 @@ class MgritMethod(Method):
                                   net.name)
         cfg.dist.split = list(self.counts)  # the cut used, for summary.json / config.toml / resume
         self.shapes = [tuple(s) for s in net.boundary_shapes()]
-        self.stage = net.partition(self.K, self.counts)[self.k].to(self.device)
+        stages = net.partition(self.K, self.counts)
+        self.layouts = stage_layouts(stages)  # every stage's tensors, for the model.pt gather
+        self.stage = stages[self.k].to(self.device)
         self.block_range = self.stage.block_range
         self.net = None
         self.blocks = StageBlocks(list(self.stage.blocks), self.block_range[0], mg.step)
         self.opt = make_sgd(self.stage.parameters(), cfg)
-        self.nb = Neighbours(info.rank, info.world_size)
+        self.clock = Clock(self.device)
+        self.p2p = P2P(info.rank, self.device, info.backend, clock=self.clock)
         self.fviews = level_views(self.grid, *self.block_range)
         self.bviews = level_views(self.grid, *self.block_range, reverse=True)
         schedule = mg.schedule
         self.schedule = schedule
         self.phases = parse_phases(schedule)
         self.warm: dict[str, dict | None] = {"fwd": None, "bwd": None}
-        self.time_compute = 0.0
         self.dp_bytes = 0
-        self.time_dp = 0.0
         self.block_evals = 0
         self._last: dict | None = None
         self._epoch = self._zero_epoch()
@@ -153,7 +154,7 @@ class MgritMethod(Method):
         return {}
 
     def end_epoch(self, epoch):
-        self.nb.reap_sends(block=True)
+        self.p2p.reap(block=True)
         super().end_epoch(epoch)
         barrier(self.info)  # the epoch ends when the slowest rank has finished
 
@@ -163,14 +164,10 @@ class MgritMethod(Method):
 
     # ---- training -------------------------------------------------------------------------
     def train_step(self, batch, phase, next_idx=None):
-        t0 = time.perf_counter()
-        c0 = self.nb.time_comm + self.nb.time_wait + self.time_dp
-        if phase == "serial":
-            out = self._serial_step(batch)
-        else:
-            out = self._mgrit_step(batch)
-        self.time_compute += (time.perf_counter() - t0) - (self.nb.time_comm + self.nb.time_wait + self.time_dp - c0)
-        return out
+        with self.clock.section("step"):  # compute = step - comm - wait - dp (see _times)
+            if phase == "serial":
+                return self._serial_step(batch)
+            return self._mgrit_step(batch)
 
     def _settings(self, iters: int) -> Settings:
         mg = self.cfg.mgrit
@@ -202,8 +199,8 @@ class MgritMethod(Method):
                 u0 = self.stage.stem(x)
             fixed = u0.detach()
         prop = ForwardProp(self.blocks, self.grid, keep_graph=keep_graph)
-        comm = ChainComm(self.nb, self.mesh, self.mesh.prev, self.mesh.next, TAG_FWD, self.shapes.__getitem__,
-                         b, torch.float32, self.device)
+        comm = ChainComm(self.p2p, self.mesh, self.mesh.prev, self.mesh.next, self.shapes.__getitem__,
+                         b, torch.float32)
         solver = MgritSolver(self.fviews, prop, comm, self._zeros_fn(b))
         with frozen_bn(self.blocks.all_bns):
             res = solver.solve(fixed, self._guess("fwd", b), self._settings(self.cfg.mgrit.fwd_iters))
@@ -212,8 +209,8 @@ class MgritMethod(Method):
 
     def solve_adjoint(self, lam_N: torch.Tensor | None, fprop: ForwardProp, b: int):
         prop = AdjointProp(fprop)
-        comm = ChainComm(self.nb, self.mesh, self.mesh.next, self.mesh.prev, TAG_BWD, self.shapes.__getitem__,
-                         b, torch.float32, self.device)
+        comm = ChainComm(self.p2p, self.mesh, self.mesh.next, self.mesh.prev, self.shapes.__getitem__,
+                         b, torch.float32)
         solver = MgritSolver(self.bviews, prop, comm, self._zeros_fn(b))
         with frozen_bn(self.blocks.all_bns):
             res = solver.solve(lam_N, self._guess("bwd", b), self._settings(self.cfg.mgrit.bwd_iters))
@@ -256,9 +253,8 @@ class MgritMethod(Method):
         sq = torch.stack([t.double() for t in fres.residual_sq + bres.residual_sq]) if (
             fres.residual_sq or bres.residual_sq) else torch.zeros(0, dtype=torch.float64, device=self.device)
         local_sq = sq.sum() if sq.numel() else torch.zeros((), dtype=torch.float64, device=self.device)
-        t0 = time.perf_counter()
-        self.mesh.all_reduce_world(sq)
-        self.time_dp += time.perf_counter() - t0
+        with self.clock.section("dp"):
+            self.mesh.all_reduce_world(sq)
         nf = len(fres.residual_sq)
         self._last = {"fwd_iters": fres.iters, "bwd_iters": bres.iters, "sq": sq, "nf": nf}
         self._record(fres.iters, bres.iters, sq, nf)
@@ -267,7 +263,7 @@ class MgritMethod(Method):
 
     def _serial_step(self, batch) -> StepOut:
         """Exact layer-serial backprop over this replica's K ranks (the SPH serial phase)."""
-        k, K, nb, mesh = self.k, self.K, self.nb, self.mesh
+        k, K, p2p, mesh = self.k, self.K, self.p2p, self.mesh
         b = batch.y.numel()
         self.stage.train()
         self.opt.zero_grad(set_to_none=True)
@@ -275,14 +271,14 @@ class MgritMethod(Method):
         if k == 0:
             inp = batch.x
         else:
-            inp = nb.recv((b, *self.stage.in_shape), torch.float32, self.device, mesh.prev, TAG_SACT)
+            inp = p2p.recv((b, *self.stage.in_shape), torch.float32, mesh.prev)
             inp.requires_grad_(True)
         out = self.stage(inp)
         loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         if k < K - 1:
-            nb.send(out.detach(), mesh.next, TAG_SACT)
-            grad = nb.recv((b, *self.stage.out_shape), torch.float32, self.device, mesh.next, TAG_SGRAD)
+            p2p.send(out.detach().float(), mesh.next)
+            grad = p2p.recv((b, *self.stage.out_shape), torch.float32, mesh.next)
             out.backward(grad)
         else:
             loss = F.cross_entropy(out, batch.y)
@@ -290,7 +286,7 @@ class MgritMethod(Method):
             loss = loss.detach()
             correct = (out.detach().argmax(1) == batch.y).sum()
         if k > 0:
-            nb.send(inp.grad, mesh.prev, TAG_SGRAD)
+            p2p.send(inp.grad, mesh.prev)
         self._last = None
         loss, correct, count = self._finish(loss, correct, b, None)
         return StepOut(loss, correct, count)
@@ -301,7 +297,7 @@ class MgritMethod(Method):
         last = self.k == self.K - 1
         count = b
         if self.dp > 1:
-            t0 = time.perf_counter()
+            tok = self.clock.start()
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             parts = [g.reshape(-1) for g in grads]
             if last:
@@ -319,7 +315,7 @@ class MgritMethod(Method):
                 loss = (s[0] / s[2]).detach()
                 correct = s[1].round().long()
                 count = int(round(float(s[2])))
-            self.time_dp += time.perf_counter() - t0
+            self.clock.stop("dp", tok)
         # Complete this step's sends first: every peer has received them by now (the residual
         # all-reduce, or in the serial phase the gradient that came back, ordered it), so this
         # costs no waiting, and a guard that raises leaves no send in flight (a gloo send still
@@ -347,7 +343,7 @@ class MgritMethod(Method):
 
     def flush(self) -> None:
         """Complete this rank's pending sends (the peers must be receiving them)."""
-        self.nb.reap_sends(block=True)
+        self.p2p.reap(block=True)
 
     # ---- logging --------------------------------------------------------------------------
     def _record(self, fi: int, bi: int, sq: torch.Tensor, nf: int) -> None:
@@ -398,7 +394,9 @@ class MgritMethod(Method):
         W = self.info.world_size
         t = torch.zeros(3, W, dtype=torch.float64, device=self.device)
         r = self.info.rank
-        t[0, r], t[1, r], t[2, r] = self.time_compute, self.nb.time_comm + self.time_dp, self.nb.time_wait
+        c = self.clock.totals()
+        comm, wait, dp = c.get("comm", 0.0), c.get("wait", 0.0), c.get("dp", 0.0)
+        t[0, r], t[1, r], t[2, r] = max(c.get("step", 0.0) - comm - wait - dp, 0.0), comm + dp, wait
         self.mesh.all_reduce_world(t)
         return t.tolist()
 
@@ -445,19 +443,19 @@ class MgritMethod(Method):
         }
 
     def _eval_bytes_total(self) -> int:
-        t = torch.tensor([float(self.nb.bytes_sent_eval)], dtype=torch.float64, device=self.device)
+        t = torch.tensor([float(self.p2p.bytes_sent_eval)], dtype=torch.float64, device=self.device)
         self.mesh.all_reduce_world(t)
         return int(t.item())
 
     def comm_bytes(self):
         """Training traffic this rank sent: neighbour messages (solves, serial phase) plus the
         data-parallel all-reduce at the ring volume 2 (N-1)/N x payload."""
-        return self.nb.bytes_sent + self.dp_bytes
+        return self.p2p.bytes_sent + self.dp_bytes
 
     # ---- evaluation: exact layer-serial forward, running BN statistics ----------------------
     def evaluate(self, batches):
         mesh = self.mesh
-        return layer_serial_evaluate(self.stage, self.nb, self.k == 0, self.k == self.K - 1, mesh.prev,
+        return layer_serial_evaluate(self.stage, self.p2p, self.k == 0, self.k == self.K - 1, mesh.prev,
                                      mesh.next, batches, self.device)
 
     # ---- state ------------------------------------------------------------------------------
@@ -471,13 +469,16 @@ class MgritMethod(Method):
         mine = self.local_model_state()
         if self.info.world_size == 1:
             return mine
-        return gather_state(mine, self.k, self.log_rank, list(range(self.K - 1)))
+        mine = global_stage_state(self.stage, self.block_range[0], self.device)  # sent from the device
+        return gather_state(self.p2p, mine, self.k, self.log_rank, {r: self.layouts[r] for r in range(self.K - 1)})
 
     def state_dict(self):
         warm = {key: (None if v is None else {int(p): t for p, t in v.items()}) for key, v in self.warm.items()}
         r = self._run
         return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(), "warm": warm,
                 "skipped_steps": self.skipped_steps, "dp_bytes": self.dp_bytes,
+                "counters": {"bytes_sent": self.p2p.bytes_sent, "bytes_sent_eval": self.p2p.bytes_sent_eval,
+                             **self.clock.state_dict()},
                 "run": {"steps": r["steps"], "fwd_iters": r["fwd_iters"], "bwd_iters": r["bwd_iters"],
                         "rho_fwd": list(r["rho_fwd"]), "rho_bwd": list(r["rho_bwd"]),
                         "last_residuals": r.get("last_residuals")}}
@@ -489,6 +490,9 @@ class MgritMethod(Method):
                      for key, v in state.get("warm", {}).items()} or {"fwd": None, "bwd": None}
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.dp_bytes = int(state.get("dp_bytes", 0))
+        c = state.get("counters") or {}
+        self.p2p.bytes_sent, self.p2p.bytes_sent_eval = int(c.get("bytes_sent", 0)), int(c.get("bytes_sent_eval", 0))
+        self.clock.load_state_dict(c)
         run = state.get("run")
         if run:
             self._run = {"steps": run["steps"], "fwd_iters": run["fwd_iters"], "bwd_iters": run["bwd_iters"],

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from auxpar.coupling.base import Method, StepOut
-from auxpar.coupling.comm import Neighbours
+from auxpar.coupling.comm import P2P
 from auxpar.coupling.serial import make_sgd
-from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate
+from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate, stage_layouts
 from auxpar.distributed import all_reduce_, barrier
 from auxpar.errors import ConfigError, DistributedError
 
@@ -191,12 +191,13 @@ class PipelineMethod(Method):
         # Build-then-slice: the whole net came from one seed; keep this rank's stage only.
         stages = net.partition(self.K, cfg.dist.split or None)
         self.ranges = [s.block_range for s in stages]
+        self.layouts = stage_layouts(stages)  # every stage's tensors, for the model.pt gather
         self.stage = stages[self.k].to(self.device)
         self.block_range = self.stage.block_range
         self.net = None
         self.opt = make_sgd(self.stage.parameters(), cfg)
         self.log_rank = self.K - 1  # the last stage owns the loss and the accuracy
-        self.nb = Neighbours(info.rank, info.world_size)  # evaluation and the model gather
+        self.p2p = P2P(info.rank, self.device, info.backend)  # evaluation and the model gather
         self.runner = PipelineRunner(self.stage, self.k, self.K, self.device, cfg.dist.microbatches,
                                      cfg.dist.pipeline_schedule)
         self.time_step = 0.0
@@ -276,7 +277,7 @@ class PipelineMethod(Method):
 
     def evaluate(self, batches):
         """Layer-serial forward over the ranks (running BN statistics); any test-batch size."""
-        return layer_serial_evaluate(self.stage, self.nb, self.k == 0, self.k == self.K - 1, self.k - 1,
+        return layer_serial_evaluate(self.stage, self.p2p, self.k == 0, self.k == self.K - 1, self.k - 1,
                                      self.k + 1, batches, self.device)
 
     # ---- accounting ------------------------------------------------------------------------
@@ -299,7 +300,7 @@ class PipelineMethod(Method):
 
     def summary_extras(self) -> dict:
         rows = self._times()
-        ev = torch.tensor([float(self.nb.bytes_sent_eval)], dtype=torch.float64, device=self.device)
+        ev = torch.tensor([float(self.p2p.bytes_sent_eval)], dtype=torch.float64, device=self.device)
         all_reduce_(self.info, ev)
         M, K = self.cfg.dist.microbatches, self.K
         return {
@@ -316,14 +317,15 @@ class PipelineMethod(Method):
 
     def model_state(self):
         """Gather every stage's tensors on the last rank (p2p, tensors only) as one state_dict."""
-        return gather_state(self.local_model_state(), self.k, self.log_rank, list(range(self.K - 1)))
+        mine = global_stage_state(self.stage, self.block_range[0], self.device)  # sent from the device
+        return gather_state(self.p2p, mine, self.k, self.log_rank, {r: self.layouts[r] for r in range(self.K - 1)})
 
     def state_dict(self):
         """Stage tensors, optimizer, and the counters (skipped steps, bytes, times)."""
         r = self.runner
         return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(),
                 "skipped_steps": self.skipped_steps,
-                "counters": {"bytes_sent": r.bytes_sent, "bytes_sent_eval": self.nb.bytes_sent_eval,
+                "counters": {"bytes_sent": r.bytes_sent, "bytes_sent_eval": self.p2p.bytes_sent_eval,
                              "time_compute": r.time_compute, "time_optim": self.time_optim,
                              "time_step": self.time_step}}
 
@@ -333,7 +335,7 @@ class PipelineMethod(Method):
         self.skipped_steps = int(state.get("skipped_steps", 0))
         c = state.get("counters") or {}
         self.runner.reset_counters(int(c.get("bytes_sent", 0)), float(c.get("time_compute", 0.0)))
-        self.nb.bytes_sent_eval = int(c.get("bytes_sent_eval", 0))
+        self.p2p.bytes_sent_eval = int(c.get("bytes_sent_eval", 0))
         self.time_optim, self.time_step = float(c.get("time_optim", 0.0)), float(c.get("time_step", 0.0))
 
 
@@ -373,16 +375,15 @@ class PipelineSerialExecutor:
         bytes0, compute0 = self.runner.bytes_sent, self.runner.time_compute
         loss, logits = self.runner.step(batch.x, batch.y)
         compute = self.runner.time_compute - compute0
-        m.time_compute += compute
-        m.nb.time_wait += max(time.perf_counter() - t0 - compute, 0.0)
-        m.nb.bytes_sent += self.runner.bytes_sent - bytes0
+        m.clock.add("compute", compute)
+        m.clock.add("wait", max(time.perf_counter() - t0 - compute, 0.0))
+        m.p2p.bytes_sent += self.runner.bytes_sent - bytes0
         if k < K - 1:
             loss = torch.zeros((), device=m.device)
         if not m.finite_guard(loss):
             return StepOut(torch.zeros((), device=m.device), torch.zeros((), dtype=torch.long, device=m.device), 0)
-        t0 = time.perf_counter()
-        m.clip_and_step()
-        m.time_compute += time.perf_counter() - t0
+        with m.clock.section("compute"):
+            m.clip_and_step()
         correct = ((logits.detach().argmax(1) == batch.y).sum() if k == K - 1
                    else torch.zeros((), dtype=torch.long, device=m.device))
         return StepOut(loss, correct, b)

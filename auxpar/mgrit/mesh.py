@@ -18,10 +18,8 @@ import math
 import torch
 import torch.distributed as tdist
 
-from auxpar.coupling.comm import Neighbours
+from auxpar.coupling.comm import P2P
 from auxpar.distributed import DistInfo
-
-TAG_FWD, TAG_BWD, TAG_SACT, TAG_SGRAD, TAG_EVAL = 70, 71, 72, 73, 74
 
 
 class Mesh:
@@ -69,23 +67,25 @@ class Mesh:
 
 class ChainComm:
     """Neighbour exchange of one solve: ``up`` is the rank before this one in solve order
-    (forward: stage k-1; adjoint: stage k+1), ``down`` the one after it."""
+    (forward: stage k-1; adjoint: stage k+1), ``down`` the one after it. Each message is one
+    exchange of the p2p primitive; the solver's sweep order fixes the message order, which is
+    the same on both ends of a link (see ``tests/test_protocol.py``)."""
 
-    def __init__(self, nb: Neighbours, mesh: Mesh, up: int | None, down: int | None, tag: int,
-                 shape_of, batch: int, dtype: torch.dtype, device: torch.device):
-        self.nb, self.mesh, self.up, self.down, self.tag = nb, mesh, up, down, tag
-        self.shape_of, self.batch, self.dtype, self.device = shape_of, batch, dtype, device
+    def __init__(self, p2p: P2P, mesh: Mesh, up: int | None, down: int | None,
+                 shape_of, batch: int, dtype: torch.dtype):
+        self.p2p, self.mesh, self.up, self.down = p2p, mesh, up, down
+        self.shape_of, self.batch, self.dtype = shape_of, batch, dtype
         self.has_up, self.has_down = up is not None, down is not None
         self.messages = 0
 
     def send_down(self, t: torch.Tensor) -> None:
-        self.nb.isend(t.detach(), self.down, self.tag)
+        self.p2p.send_async(t.detach().to(self.dtype), self.down)
         self.messages += 1
         if self.messages % 8 == 0:
-            self.nb.reap_sends()
+            self.p2p.reap()
 
     def recv_up(self, point: int) -> torch.Tensor:
-        return self.nb.recv((self.batch, *self.shape_of(point)), self.dtype, self.device, self.up, self.tag)
+        return self.p2p.recv((self.batch, *self.shape_of(point)), self.dtype, self.up)
 
     def global_norm(self, sq: torch.Tensor) -> float:
         t = sq.detach().double().reshape(1).clone()
