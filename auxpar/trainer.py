@@ -31,6 +31,7 @@ from auxpar.config import Config, config_to_toml
 from auxpar.coupling import get_method
 from auxpar.data import Augment, BatchLoader, IndexSampler, default_augment, eval_batches, load_dataset
 from auxpar.distributed import DistInfo, all_reduce_, barrier, reduce_floats
+from auxpar.timing import sync
 from auxpar.errors import ConfigError, TrainingError
 from auxpar.metrics import MetricsWriter, peak_memory_bytes
 from auxpar.models import build_model, count_parameters, partition_counts
@@ -222,6 +223,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
                     bar.set_postfix(loss=f"{loss_now:.3f}")
             faults.after_step(fault, info.rank, loop.step)
             if i + 1 < steps_per_epoch and saver.due_step(loop.step):
+                sync(info.device)  # the host clock is true once the queued device work has run
                 seg = time.perf_counter() - t0
                 loop.epoch_time += seg
                 loop.train_time += seg
@@ -231,6 +233,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
                 saver.save(loop)
                 t0 = time.perf_counter()  # checkpoint time is not training time
         method.end_epoch(epoch)
+        sync(info.device)  # (end_epoch flushed the method's work; the clock reads true time)
         seg = time.perf_counter() - t0
         loop.train_time += seg
         loop.phase_times[phase] = loop.phase_times.get(phase, 0.0) + seg

@@ -233,8 +233,13 @@ def _describe(it) -> str:
 
 
 def check_dir(trace_dir: str, device: str = "cpu") -> dict:
-    """Replay one run's traces in both queue models; return the counts of the first."""
+    """Replay one run's traces in both queue models; return the counts of the first. Also
+    asserts that no point-to-point op used a tag (they carry no meaning under NCCL)."""
     traces = load(trace_dir)
+    tagged = [(r, ev.get("call"), ev["tags"]) for r, evs in traces.items() for ev in evs
+              if ev["ev"] == "issue" and any(ev.get("tags") or [])]
+    if tagged:
+        raise ProtocolError(f"point-to-point ops with a tag (NCCL ignores tags): {tagged[:5]}")
     out = None
     for model in MODELS:
         res = replay(traces, model, device)

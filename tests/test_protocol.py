@@ -140,7 +140,7 @@ SPH = ("--epochs", "3", "--schedule", "parallel:1,serial:1")  # parallel -> seri
     ("penalty", 2, "layer"), ("al", 2, "pipeline"), ("penalty", 3, "pipeline"), ("al", 3, "layer")])
 def test_protocol_penalty_al_sph_ds2(tmp_path, method, K, executor):
     traced_run(tmp_path / "t", "train", "--method", method, "--stages", str(K), *COMMON, *SPH,
-               "--ds-factor", "2", "--serial-executor", executor, "--microbatches", "2",
+               "--ds-factor", "2", "--serial-executor", executor, "--microbatches", "4",
                "--out", str(tmp_path / "run"))
     # model.pt was gathered on the last rank through the primitive
     assert (tmp_path / "run" / "model.pt").exists()

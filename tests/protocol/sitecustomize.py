@@ -97,7 +97,7 @@ if os.environ.get("AUXPAR_PROTOCOL_TRACE"):
             peer = _peer(b, "dst", "group_dst") if kind == "send" else _peer(b, "src", "group_src")
             iid = next(_ids)
             _emit({"ev": "issue", "id": iid, "kind": "p2p", "group": _group_ranks(b.get("group")),
-                   "ops": [[kind, peer, *_tensor_meta(t)]], "call": name})
+                   "ops": [[kind, peer, *_tensor_meta(t)]], "call": name, "tags": [int(b.get("tag") or 0)]})
             out = orig(*args, **kwargs)
             if blocking:
                 _emit({"ev": "wait", "id": iid})
@@ -120,7 +120,7 @@ if os.environ.get("AUXPAR_PROTOCOL_TRACE"):
                 ops.append([kind, int(peer), *_tensor_meta(op.tensor)])
             iid = next(_ids)
             _emit({"ev": "issue", "id": iid, "kind": "p2p", "group": _group_ranks(p2p_op_list[0].group),
-                   "ops": ops, "call": "batch_isend_irecv"})
+                   "ops": ops, "call": "batch_isend_irecv", "tags": [int(op.tag or 0) for op in p2p_op_list]})
             _local.depth = 1
             try:
                 works = orig(p2p_op_list)
