@@ -109,7 +109,7 @@ def format_plan(plan: dict) -> str:
                      "class-stratified)")
     if plan["stages"] > 1:
         lines.append(f"aux-state memory for {plan['train_samples']:,} training samples "
-                     "(all boundaries; DS factor s stores each state at 1/s resolution per side):")
+                     "(all boundaries; DS factor s stores each state at 1/s resolution per side, rounded up):")
         for m in plan["aux_memory"]:
             lines.append(f"  s={m['ds_factor']} {m['dtype']:>4}: aux {_human(m['aux_bytes']):>10}   "
                          f"with multipliers {_human(m['aux_and_multiplier_bytes']):>10}")
