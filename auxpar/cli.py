@@ -66,7 +66,7 @@ def _split_arg(text: str) -> list[int]:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="TOML config; flags override it")
     p.add_argument("--model", help="resnet20|32|44|56|110, preact-resnet<6n+2>, wrn-<6n+4>-<k>")
-    p.add_argument("--dataset", choices=["cifar10", "cifar100", "digits", "synthetic"])
+    p.add_argument("--dataset", choices=__import__("auxpar.data", fromlist=["DATASET_NAMES"]).DATASET_NAMES)
     p.add_argument("--stages", type=int, metavar="K", help="layer-parallel stages")
     p.add_argument("--split", type=_split_arg, metavar="N,N,...", help="explicit blocks per stage")
     p.add_argument("--dropout", type=float, help="dropout inside WRN blocks")

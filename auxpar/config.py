@@ -111,7 +111,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "digits"
-    """cifar10, cifar100, digits or synthetic."""
+    """cifar10, cifar100, digits, fashion-mnist or synthetic (auxpar.data.DATASET_NAMES)."""
     data_dir: str = "data"
     download: bool = True
     batch_size: int = 128
@@ -129,9 +129,16 @@ class DataConfig:
     synthetic_num_test: int = 256
     synthetic_shape: list = field(default_factory=lambda: [3, 32, 32])
     synthetic_classes: int = 10
+    train_subset: int = 0
+    """Train on a fixed class-stratified subset of this many training samples (0 = all). The
+    subset depends only on the dataset and N (a constant seed, not run.seed), so every run
+    seed and method sees the same samples; the test set is never reduced."""
 
     def validate(self) -> None:
-        _choice("data.dataset", self.dataset, ("cifar10", "cifar100", "digits", "synthetic"))
+        from auxpar.data.datasets import DATASET_NAMES
+
+        _choice("data.dataset", self.dataset, DATASET_NAMES)
+        _nonneg("data.train_subset", self.train_subset)
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
         if self.crop_pad < -1:

@@ -2,6 +2,7 @@
 
 Nothing is trained and no data is read: the dataset only contributes its geometry (channels,
 image size, classes, training-set size), which is known for every built-in dataset.
+``data.train_subset`` replaces the training-set size (it is what the aux store holds).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import torch
 
 from auxpar.config import DataConfig
+from auxpar.coupling.ds import reduced_size
+from auxpar.data.datasets import DATASET_NAMES, check_train_subset
 from auxpar.errors import ConfigError
 from auxpar.models import build_model, count_parameters, describe_partition
 
@@ -19,6 +22,7 @@ GEOMETRY = {
     "cifar10": (3, 32, 10, 50_000, 10_000),
     "cifar100": (3, 32, 100, 50_000, 10_000),
     "digits": (1, 8, 10, 1_437, 360),
+    "fashion-mnist": (1, 28, 10, 60_000, 10_000),
 }
 
 AUX_DTYPES = {"fp32": 4, "bf16": 2}
@@ -26,16 +30,22 @@ DS_FACTORS = (1, 2, 4)
 
 
 def dataset_geometry(data: DataConfig) -> tuple[int, int, int, int]:
-    """(channels, image size, classes, training samples) without loading the data."""
+    """(channels, image size, classes, training samples) without loading the data.
+
+    The training samples are ``data.train_subset`` when it is set (checked against the full size
+    and the number of classes, as loading would)."""
     if data.dataset == "synthetic":
         c, h, w = data.synthetic_shape
         if h != w:
             raise ConfigError(f"data.synthetic_shape = {data.synthetic_shape}: models take square images; use H == W")
-        return c, h, data.synthetic_classes, data.synthetic_num_train
-    if data.dataset not in GEOMETRY:
-        raise ConfigError(f"unknown dataset {data.dataset!r}; choose one of cifar10, cifar100, digits, synthetic")
-    c, s, k, n, _ = GEOMETRY[data.dataset]
-    return c, s, k, n
+        c, s, k, n = c, h, data.synthetic_classes, data.synthetic_num_train
+    elif data.dataset in GEOMETRY:
+        c, s, k, n, _ = GEOMETRY[data.dataset]
+    else:
+        raise ConfigError(f"unknown dataset {data.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+    subset = getattr(data, "train_subset", 0)
+    check_train_subset(subset, n, k, data.dataset)
+    return c, s, k, (subset or n)
 
 
 def make_plan(model: str, data: DataConfig, stages: int, split: list[int] | None = None,
@@ -53,13 +63,14 @@ def make_plan(model: str, data: DataConfig, stages: int, split: list[int] | None
         vals = 0
         for r in rows[:-1]:
             ch, hh, ww = r["out_shape"]
-            vals += ch * (hh // s) * (ww // s)
+            vals += ch * reduced_size(hh, s) * reduced_size(ww, s)
         for name, nbytes in AUX_DTYPES.items():
             memory.append({"ds_factor": s, "dtype": name, "aux_bytes": n_train * vals * nbytes,
                            "aux_and_multiplier_bytes": 2 * n_train * vals * nbytes})
     return {
         "model": model, "dataset": data.dataset, "stages": stages,
         "input_shape": [c, size, size], "num_classes": classes, "train_samples": n_train,
+        "train_subset": data.train_subset or None,
         "params": count_parameters(net), "stage_rows": rows,
         "balance": (max(flops) / (sum(flops) / len(flops))) if flops else 1.0,
         "boundary_values_per_sample": values_per_sample,
@@ -93,9 +104,12 @@ def format_plan(plan: dict) -> str:
         )
     lines.append("")
     lines.append(f"balance (max stage FLOPs / mean): {plan['balance']:.3f}  (1.000 is perfect)")
+    if plan.get("train_subset"):
+        lines.append(f"training subset: {plan['train_subset']:,} samples (data.train_subset; fixed, "
+                     "class-stratified)")
     if plan["stages"] > 1:
         lines.append(f"aux-state memory for {plan['train_samples']:,} training samples "
-                     "(all boundaries; DS factor s stores each state at 1/s resolution per side):")
+                     "(all boundaries; DS factor s stores each state at 1/s resolution per side, rounded up):")
         for m in plan["aux_memory"]:
             lines.append(f"  s={m['ds_factor']} {m['dtype']:>4}: aux {_human(m['aux_bytes']):>10}   "
                          f"with multipliers {_human(m['aux_and_multiplier_bytes']):>10}")

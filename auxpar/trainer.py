@@ -48,7 +48,7 @@ def load_data(cfg: Config, info: DistInfo):
                  "shape": tuple(d.synthetic_shape), "num_classes": d.synthetic_classes}
 
     def _load():
-        kw = dict(data_dir=d.data_dir, download=d.download, seed=cfg.run.seed, synthetic=synthetic)
+        kw = dict(data_dir=d.data_dir, download=d.download, seed=cfg.run.seed, synthetic=synthetic, train_subset=d.train_subset)
         return load_dataset(d.dataset, "train", **kw), load_dataset(d.dataset, "test", **kw)
 
     if info.distributed and info.local_rank != 0:
@@ -317,6 +317,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
         "aux_store_bytes": 0, "skipped_steps": skipped,
         "checkpoint_bytes": saver.last_bytes, "checkpoint_time_s": saver.total_time,
         "resumed_from_step": loop.resumed_from,
+        "train_subset": cfg.data.train_subset or None, "train_samples": len(train_set),
     }
     summary.update(extras)
     if owner:

@@ -12,6 +12,9 @@ Datasets:
 * ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes). A fixed stratified
   80/20 split (1437 train / 360 test) whose seed is a constant of this module, *not* the run
   seed, so the test set never changes.
+* ``fashion-mnist``: Zalando's Fashion-MNIST, 28x28 grey-scale clothing images in 10 classes
+  (60000 train / 10000 test), read from the four official IDX files (see
+  :mod:`auxpar.data.fashion`).
 * ``synthetic``: uniform random ``uint8`` images with random labels, for benchmarks and speed
   measurements only. There is nothing to learn in it; never report accuracy on it.
 """
@@ -27,7 +30,8 @@ import torch
 
 from auxpar.errors import ConfigError, DataError
 
-DATASET_NAMES = ("cifar10", "cifar100", "digits", "synthetic")
+DATASET_NAMES = ("cifar10", "cifar100", "digits", "synthetic", "fashion-mnist")
+"""Every dataset name ``load_dataset``, the config (``data.dataset``) and ``--dataset`` accept."""
 SPLITS = ("train", "test")
 
 #: Seed of the digits train/test split. A constant on purpose: the test set must not depend on
@@ -47,6 +51,10 @@ _DEFAULT_AUGMENT = {
     "cifar100": {"crop_pad": 4, "pad_mode": "reflect", "flip": True},
     # Flipping a digit changes its meaning (2 vs 5 ...), and 1 pixel is 1/8 of the image.
     "digits": {"crop_pad": 1, "pad_mode": "zero", "flip": False},
+    # 28x28 garments on a black background: a 2-pixel zero-padded crop (4 px on 32x32 CIFAR
+    # scaled down) and flips (a mirrored shirt is still a shirt; shoes all face one way in the
+    # originals, so a flip is a genuinely new view).
+    "fashion-mnist": {"crop_pad": 2, "pad_mode": "zero", "flip": True},
     "synthetic": {"crop_pad": 4, "pad_mode": "reflect", "flip": True},
 }
 
@@ -145,6 +153,7 @@ def default_augment(name: str) -> dict[str, Any]:
     """Default augmentation settings of a dataset: ``{"crop_pad", "pad_mode", "flip"}``.
 
     CIFAR and synthetic: 4-pixel reflect-padded random crop + horizontal flip.
+    Fashion-MNIST: 2-pixel zero-padded random crop + horizontal flip.
     Digits: 1-pixel zero-padded crop, no flip (flipping changes a digit's meaning).
     """
     _check_name(name)
@@ -171,24 +180,127 @@ def load_dataset(
     download: bool = True,
     seed: int = 0,
     synthetic: Mapping[str, Any] | None = None,
+    train_subset: int = 0,
 ) -> ImageDataset:
     """Load one split of a dataset as an :class:`ImageDataset`.
 
-    ``name``: ``cifar10``, ``cifar100``, ``digits`` or ``synthetic``; ``split``: ``train`` or
-    ``test``. ``data_dir`` and ``download`` only matter for CIFAR (see
-    :func:`auxpar.data.cifar.load_cifar`). ``seed`` and ``synthetic`` (a mapping with keys
+    ``name``: one of :data:`DATASET_NAMES`; ``split``: ``train`` or ``test``. ``data_dir`` and
+    ``download`` only matter for CIFAR and Fashion-MNIST (see :func:`auxpar.data.cifar.load_cifar`
+    and :func:`auxpar.data.fashion.load_fashion`). ``seed`` and ``synthetic`` (a mapping with keys
     ``num_train``, ``num_test``, ``shape``, ``num_classes``) only matter for ``synthetic``;
-    the digits split never depends on ``seed``.
+    the digits split never depends on ``seed``. ``train_subset`` > 0 keeps a fixed stratified
+    subset of that many training samples (see :func:`stratified_subset`); it does not change
+    the test split, and 0 keeps everything.
     """
     _check_name(name)
     _check_split(split)
+    if isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 0:
+        raise ConfigError(
+            f"data.train_subset = {train_subset!r} must be a whole number >= 0 (0 = the full training set)"
+        )
     if name in ("cifar10", "cifar100"):
         from auxpar.data.cifar import load_cifar
 
-        return load_cifar(name, split, data_dir=data_dir, download=download)
-    if name == "digits":
-        return load_digits(split)
-    return load_synthetic(split, seed=seed, config=synthetic)
+        ds = load_cifar(name, split, data_dir=data_dir, download=download)
+    elif name == "fashion-mnist":
+        from auxpar.data.fashion import load_fashion
+
+        ds = load_fashion(split, data_dir=data_dir, download=download)
+    elif name == "digits":
+        ds = load_digits(split)
+    else:
+        ds = load_synthetic(split, seed=seed, config=synthetic)
+    if split == "train" and train_subset:
+        ds = stratified_subset(ds, train_subset)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# training subsets
+
+#: Seed of :func:`stratified_subset`. A constant on purpose, like the digits split: the subset
+#: of a given size is the same for every run seed, so runs with different seeds (and different
+#: methods) train on exactly the same samples and only their initialization and batch order
+#: differ. Changing it changes every subset result; don't.
+TRAIN_SUBSET_SEED = 20251130
+
+
+def check_train_subset(n: int, size: int, num_classes: int, dataset: str = "the dataset") -> None:
+    """Raise :class:`ConfigError` unless ``0 < n`` is a usable subset size (``0`` = full set is fine)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(
+            f"data.train_subset = {n!r} must be a whole number >= 0 (0 = the full training set)"
+        )
+    if n == 0:
+        return
+    if n > size:
+        raise ConfigError(
+            f"data.train_subset = {n} is larger than the {size} training samples of {dataset}: "
+            f"use at most {size}, or 0 for the full training set"
+        )
+    if n < num_classes:
+        raise ConfigError(
+            f"data.train_subset = {n} is smaller than the {num_classes} classes of {dataset}: a "
+            f"stratified subset needs at least one sample per class; use at least {num_classes}"
+        )
+
+
+def subset_indices(labels: torch.Tensor | list[int], n: int, seed: int = TRAIN_SUBSET_SEED) -> torch.Tensor:
+    """Ids (ascending, int64) of a class-stratified subset of ``n`` samples.
+
+    Class ``c`` with ``n_c`` of the ``N`` samples gets ``n * n_c / N`` of them, rounded by
+    largest remainder (ties to the smaller class id), and at least one sample when ``n`` is at
+    least the number of classes present. Inside a class, samples are ranked by a hash of
+    ``(seed, id)``, so the result depends only on the labels, ``n`` and ``seed`` (no RNG state,
+    the same on every platform and torch version).
+    """
+    labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+    total = len(labels)
+    if not 0 < n <= total:
+        raise ConfigError(f"a subset of {n} samples cannot be drawn from {total}")
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    classes = sorted(by_class)
+    exact = {c: n * len(by_class[c]) / total for c in classes}
+    quota = {c: math.floor(exact[c]) for c in classes}
+    left = n - sum(quota.values())
+    for c in sorted(classes, key=lambda c: (-(exact[c] - quota[c]), c))[:left]:
+        quota[c] += 1
+    if n >= len(classes):  # every class present keeps a sample: take it from the richest class
+        for c in classes:
+            if quota[c] == 0:
+                donor = max((d for d in classes if quota[d] > 1),
+                            key=lambda d: (quota[d] - exact[d], quota[d], -d))
+                quota[donor] -= 1
+                quota[c] = 1
+    chosen: list[int] = []
+    for c in classes:
+        ranked = sorted(by_class[c], key=lambda i: derive_seed(seed, "train_subset", i))
+        chosen.extend(ranked[: quota[c]])
+    return torch.tensor(sorted(chosen), dtype=torch.int64)
+
+
+def stratified_subset(dataset: ImageDataset, n: int, seed: int = TRAIN_SUBSET_SEED) -> ImageDataset:
+    """A fixed class-stratified subset of ``n`` samples of ``dataset`` (see :func:`subset_indices`).
+
+    The kept samples stay in their original order and are renumbered ``0..n-1`` (sample ids stay
+    contiguous, as the per-sample auxiliary states need). ``mean``/``std`` stay those of the full
+    training set, so a subset is normalized exactly like the full set and the test split.
+    """
+    check_train_subset(n, len(dataset), dataset.num_classes, dataset.name)
+    if n == len(dataset):
+        return dataset
+    ids = subset_indices(dataset.labels, n, seed)
+    return ImageDataset(
+        dataset.name,
+        dataset.images.index_select(0, ids).contiguous(),
+        dataset.labels.index_select(0, ids).contiguous(),
+        dataset.num_classes,
+        dataset.mean,
+        dataset.std,
+        split=dataset.split,
+    )
 
 
 # --------------------------------------------------------------------------------------------
