@@ -131,7 +131,7 @@ def checked(trace_dir: Path, min_messages=1):
     return res
 
 
-COMMON = ("--dataset", "digits", "--batch-size", "128", "--eval-every", "1")
+COMMON = ("--dataset", "digits", "--batch-size", "128", "--eval-every", "1", "--set", "data.train_subset=512")
 SPH = ("--epochs", "3", "--schedule", "parallel:1,serial:1")  # parallel -> serial -> parallel
 
 
