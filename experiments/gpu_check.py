@@ -40,6 +40,8 @@ import json
 import math
 import os
 import platform
+import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -59,7 +61,8 @@ import torch.nn.functional as F  # noqa: E402
 # ============================================================================ flags, in one place
 # Extend here when the CLI grows (e.g. --precision / --channels-last for the training runs).
 
-CLI_COMMON = ["--dataset", "digits", "--backend", "gloo", "--progress", "off", "--seed", "0", "--overwrite"]
+CLI_COMMON = ["--dataset", "digits", "--backend", "gloo", "--progress", "off", "--seed", "0", "--overwrite",
+              "--timeout", "120"]
 """Flags of every `auxpar train` run of section 2 (plus --device, --epochs and --out)."""
 
 CLI_RUNS = {
@@ -71,11 +74,10 @@ CLI_RUNS = {
 """Always run; a failure fails the section."""
 
 OPTIONAL_CLI_RUNS = {
-    "serial_bf16_cl": ["--method", "serial", "--precision", "bf16", "--channels-last"],
     "penalty_bf16_cl": ["--method", "penalty", "--stages", "2", "--precision", "bf16", "--channels-last"],
 }
 """Run only when `auxpar train --help` lists every flag they use (flags being added elsewhere);
-otherwise recorded as skipped (not a failure)."""
+otherwise recorded as skipped (not a failure). Serial bf16 is measured in-process (section 4)."""
 
 SUMMARY_KEYS = ("method", "stages", "world_size", "epochs", "steps", "final_test_acc", "best_test_acc",
                 "final_train_loss", "train_time_s", "wall_time_s", "eval_time_s", "time_compute_s",
@@ -238,7 +240,8 @@ def section_unit_tests(ctx: dict) -> dict:
                           "on_device": name.startswith("test_device_") or f"[{dev}" in name or f"-{dev}" in name,
                           **({"message": msg} if msg else {})})
     count = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "error", "skipped")}
-    res = {"device": dev, "env": {"AUXPAR_TEST_DEVICE": dev}, "command": " ".join(cmd[1:]), "rc": p.returncode,
+    res = {"device": dev, "env": {"AUXPAR_TEST_DEVICE": dev}, "command": shlex.join(["python", *cmd[1:]]),
+           "rc": p.returncode,
            "passed": count["passed"], "failed": count["failed"], "errors": count["error"],
            "skipped": count["skipped"], "on_device_passed": sum(t["on_device"] and t["outcome"] == "passed"
                                                                for t in tests),
@@ -255,7 +258,8 @@ def _config(ctx: dict):
     from auxpar.config import build_config
 
     s = ctx["sizes"]
-    return build_config({}, {"model": {"name": s["model"]}, "data": {"dataset": s["dataset"], "batch_size": s["batch"]}},
+    return build_config({}, {"model": {"name": s["model"]},
+                             "data": {"dataset": s["dataset"], "batch_size": s["batch"]}},
                         source="gpu_check")
 
 
@@ -371,8 +375,9 @@ def section_profile(ctx: dict) -> dict:
     prof_bf.times = times_bf
     prof_bf.device = f"{prof32.device} bf16-autocast channels_last"
     profiles["bf16_cl"] = prof_bf
-    notes = {"fp32": "auxpar.perfmodel.profile_model (what `auxpar model-perf` measures; cuDNN convolutions "
-                     f"use TF32: torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32})",
+    tf32 = (f"; cuDNN convolutions in TF32: torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32}"
+            if dev.type == "cuda" else "")
+    notes = {"fp32": f"auxpar.perfmodel.profile_model (what `auxpar model-perf` measures{tf32})",
              "bf16_cl": "per-part times by experiments/gpu_check.py under torch.autocast(bfloat16), model and "
                         "inputs channels_last; opt_s_per_param, aux_s_per_value and load_s copied from the fp32 "
                         "profile (the optimizer and aux store stay fp32)"}
@@ -382,7 +387,10 @@ def section_profile(ctx: dict) -> dict:
                                     "gpu_check": {"variant": name, "autocast": str(VARIANTS[name][0]),
                                                   "channels_last": VARIANTS[name][1], "note": notes[name]}},
                                    indent=1))
-        res["variants"][name] = {**_profile_summary(prof, s["batch"], path, out), "note": notes[name]}
+        cmd = (f"python -m auxpar model-perf --profile {path} --model {s['model']} --dataset {s['dataset']} "
+               f"--batch-size {s['batch']} " + " ".join(MODEL_PERF_FLAGS[:-1]) + " --bandwidth GBS --latency US")
+        res["variants"][name] = {**_profile_summary(prof, s["batch"], path, out), "note": notes[name],
+                                 "model_perf_command": cmd}
         ctx["profiles"][name] = path
     mine = 1e3 * (sum(mine32[str(s["batch"])]["fwd"]) + sum(mine32[str(s["batch"])]["bwd"]))
     res["cross_check"] = {"fp32_fwd_bwd_ms_profile_model": res["variants"]["fp32"]["fwd_bwd_ms"],
@@ -552,6 +560,26 @@ def _train_flags() -> set[str]:
     return {tok.strip("[],") for tok in p.stdout.split() if tok.startswith(("--", "[--"))}
 
 
+def _run_group(cmd: list[str], timeout: float) -> tuple[int | None, str]:
+    """Run ``cmd`` in its own session; on timeout stop its whole process group (the launcher and
+    the ranks it started), so no rank is left holding the GPU. Returns (exit code or None, output)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        text, _ = p.communicate(timeout=timeout)
+        return p.returncode, text
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)
+            try:
+                text, _ = p.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                text = ""
+        return None, f"timed out after {timeout:.0f} s\n{text or ''}"
+
+
 def _one_run(ctx: dict, name: str, flags: list[str]) -> dict:
     s, out = ctx["sizes"], ctx["out"]
     rdir = out / "runs" / name
@@ -564,14 +592,7 @@ def _one_run(ctx: dict, name: str, flags: list[str]) -> dict:
         rec["skipped"] = f"out of time budget ({timeout + 2:.0f} s left; raise --budget-s)"
         return rec
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, "-m", "auxpar", *argv], cwd=ROOT, env=_child_env(),
-                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
-        rc, text = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc, text = None, f"timed out after {timeout:.0f} s\n{exc.stdout or ''}{exc.stderr or ''}"
-        if isinstance(text, bytes):
-            text = text.decode(errors="replace")
+    rc, text = _run_group([sys.executable, "-m", "auxpar", *argv], timeout)
     rec["rc"], rec["wall_s"] = rc, time.perf_counter() - t0
     (out / "logs").mkdir(exist_ok=True)
     (out / "logs" / f"{name}.log").write_text(text if isinstance(text, str) else str(text))
@@ -623,6 +644,11 @@ def _f(v, fmt="{:.3g}") -> str:
     return str(v)
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def markdown(rep: dict) -> str:
     m, sec = rep["machine"], rep["sections"]
     L = [f"# auxpar GPU check{' (dry run on CPU)' if rep['dry_run'] else ''}", "",
@@ -642,25 +668,27 @@ def markdown(rep: dict) -> str:
     for name in SECTION_ORDER:
         s = sec.get(name)
         if s and s.get("error"):
-            L += ["", f"**{name} error:** `{str(s['error'])[:1500]}`"]
+            L += ["", f"**{name} error:**", "", "~~~", str(s["error"])[:3000].replace("~~~", "~ ~ ~"), "~~~"]
 
     s = sec.get("unit_tests")
     if s and "tests" in s:
         L += ["", "## Unit tests on the device", "",
-              f"`AUXPAR_TEST_DEVICE={s['device']} python {s['command']}` (exit {s['rc']}): "
+              f"`AUXPAR_TEST_DEVICE={s['device']} {s['command']}` (exit {s['rc']}): "
               f"{s['passed']} passed ({s['on_device_passed']} on {s['device']}), {s['failed']} failed, "
               f"{s['errors']} errors, {s['skipped']} skipped.", "", "| test | outcome |", "|---|---|"]
         for t in s["tests"]:
-            L.append(f"| {t['id']} | {t['outcome']}{': ' + t['message'][:120] if t.get('message') else ''} |")
+            msg = _cell(t.get("message", "")[:160])
+            L.append(f"| {t['id']} | {t['outcome']}{': ' + msg if msg else ''} |")
 
     s = sec.get("cli_runs")
     if s and "runs" in s:
         L += ["", f"## CLI runs (digits, {s['epochs']} epoch(s); common flags `{s['common_flags']}`)", "",
-              "| run | rc | final test acc | train s | wall s | compute s (per rank) | comm s | wait s | device | backend |",
+              "| run | rc | final test acc | train s | wall s | compute s (per rank) | comm s | wait s | device "
+              "| backend |",
               "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in s["runs"].items():
             if "skipped" in r:
-                L.append(f"| {name} | skipped: {r['skipped']} |||||||||")
+                L.append(f"| {name} | skipped: {_cell(r['skipped'])} |||||||||")
                 continue
             acc = r.get("final_test_acc")
             L.append(f"| {name} | {r.get('rc')} | {'-' if acc is None else f'{100 * acc:.2f}%'} | "
@@ -684,7 +712,7 @@ def markdown(rep: dict) -> str:
             L.append(f"\n- {n}: fwd+bwd {v['fwd_bwd_ms']:.2f} ms, optimizer {v['optimizer_ms']:.2f} ms, step "
                      f"{v['step_ms']:.2f} ms at batch {v['batch']}; by batch "
                      + ", ".join(f"{b}: {t:.2f} ms" for b, t in v["fwd_bwd_ms_by_batch"].items())
-                     + f"; file `{v['file']}` (`auxpar model-perf --profile {v['file']}`). {v['note']}.")
+                     + f"; file `{v['file']}`; reuse: `{v['model_perf_command']}`. {v['note']}.")
         if "cross_check" in s:
             c = s["cross_check"]
             L.append(f"- cross-check fp32 fwd+bwd: profile_model {c['fp32_fwd_bwd_ms_profile_model']:.2f} ms, "
@@ -695,11 +723,12 @@ def markdown(rep: dict) -> str:
     s = sec.get("throughput")
     if s and s.get("variants"):
         L += ["", f"## Throughput: serial {s['model']} training ({s['how']})", "",
-              "| variant | images/s | median step ms | min step ms | images/s (wall) | profile step ms | measured/profile | peak GiB |",
+              "| variant | images/s | median step ms | min step ms | images/s (wall) | profile step ms "
+              "| measured/profile | peak GiB |",
               "|---|---|---|---|---|---|---|---|"]
         for n, r in s["variants"].items():
             if "error" in r:
-                L.append(f"| {n} | error: {r['error'][:200]} |||||||")
+                L.append(f"| {n} | error: {_cell(r['error'][:200])} |||||||")
                 continue
             L.append(f"| {n} | {r['images_per_s']:.1f} | {r['median_step_ms']:.2f} | {r['min_step_ms']:.2f} | "
                      f"{r['images_per_s_wall']:.1f} | {_f(r.get('profile_step_ms'))} | "
@@ -710,7 +739,8 @@ def markdown(rep: dict) -> str:
     s = sec.get("aux_store")
     if s and s.get("rows"):
         L += ["", f"## Aux store: batch {s['batch']} of boundary {tuple(s['shape'])}, {s['store_rows']} rows "
-                  f"({s['how']})", "", "| placement | dtype | pinned | batch MB | get ms | get GB/s | put ms | put GB/s |",
+                  f"({s['how']})", "",
+              "| placement | dtype | pinned | batch MB | get ms | get GB/s | put ms | put GB/s |",
               "|---|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
             L.append(f"| {r['placement']} | {r['dtype']} | {r['pinned']} | {r['batch_bytes'] / 1e6:.1f} | "
