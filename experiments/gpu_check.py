@@ -345,14 +345,27 @@ def _profile_summary(prof, batch: int, path: Path, out: Path) -> dict:
             "device": prof.device}
 
 
+def _save_profile(ctx: dict, res: dict, name: str, prof, note: str) -> None:
+    """Write one model-perf profile file (``{"profile": ...}``, what ``--profile`` loads) and its summary."""
+    s, out = ctx["sizes"], ctx["out"]
+    path = out / "profiles" / f"{s['model']}_{s['dataset']}_b{s['batch']}_{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"profile": prof.to_json(),
+                                "gpu_check": {"variant": name, "autocast": str(VARIANTS[name][0]),
+                                              "channels_last": VARIANTS[name][1], "note": note}}, indent=1))
+    cmd = (f"python -m auxpar model-perf --profile {path} --model {s['model']} --dataset {s['dataset']} "
+           f"--batch-size {s['batch']} " + " ".join(MODEL_PERF_FLAGS[:-1]) + " --bandwidth GBS --latency US")
+    res["variants"][name] = {**_profile_summary(prof, s["batch"], path, out), "note": note,
+                             "model_perf_command": cmd}
+    ctx["profiles"][name] = path
+
+
 def section_profile(ctx: dict) -> dict:
     from auxpar.perfmodel import Profile, profile_model
 
-    s, dev, out = ctx["sizes"], ctx["device"], ctx["out"]
+    s, dev = ctx["sizes"], ctx["device"]
     cfg = _config(ctx)
     sizes = _needed_batches(ctx)
-    pdir = out / "profiles"
-    pdir.mkdir(exist_ok=True)
     res = {"model": s["model"], "dataset": s["dataset"], "batch_sizes": sizes, "repeats": s["repeats"],
            "timing": "median", "variants": {}}
     # fp32: exactly what `auxpar model-perf` measures
@@ -361,42 +374,36 @@ def section_profile(ctx: dict) -> dict:
                            optim_cfg=cfg.optim)
     res["fp32_profile_s"] = time.perf_counter() - t0
     _release(dev)
-    profiles = {"fp32": prof32}
-    # this script's timer, fp32 (a cross-check of profile_model) and bf16 autocast + channels_last
-    net, classes = _build(ctx, dev)
-    mine32 = part_times(net, [s["batch"]], classes, dev, s["repeats"], None, False)
-    net = net.to(memory_format=torch.channels_last)
-    t0 = time.perf_counter()
-    times_bf = part_times(net, sizes, classes, dev, s["repeats"], VARIANTS["bf16_cl"][0], True)
-    res["bf16_cl_profile_s"] = time.perf_counter() - t0
-    del net
-    _release(dev)
-    prof_bf = Profile.from_json(copy.deepcopy(prof32.to_json()))
-    prof_bf.times = times_bf
-    prof_bf.device = f"{prof32.device} bf16-autocast channels_last"
-    profiles["bf16_cl"] = prof_bf
     tf32 = (f"; cuDNN convolutions in TF32: torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32}"
             if dev.type == "cuda" else "")
-    notes = {"fp32": f"auxpar.perfmodel.profile_model (what `auxpar model-perf` measures{tf32})",
-             "bf16_cl": "per-part times by experiments/gpu_check.py under torch.autocast(bfloat16), model and "
-                        "inputs channels_last; opt_s_per_param, aux_s_per_value and load_s copied from the fp32 "
-                        "profile (the optimizer and aux store stay fp32)"}
-    for name, prof in profiles.items():
-        path = pdir / f"{s['model']}_{s['dataset']}_b{s['batch']}_{name}.json"
-        path.write_text(json.dumps({"profile": prof.to_json(),
-                                    "gpu_check": {"variant": name, "autocast": str(VARIANTS[name][0]),
-                                                  "channels_last": VARIANTS[name][1], "note": notes[name]}},
-                                   indent=1))
-        cmd = (f"python -m auxpar model-perf --profile {path} --model {s['model']} --dataset {s['dataset']} "
-               f"--batch-size {s['batch']} " + " ".join(MODEL_PERF_FLAGS[:-1]) + " --bandwidth GBS --latency US")
-        res["variants"][name] = {**_profile_summary(prof, s["batch"], path, out), "note": notes[name],
-                                 "model_perf_command": cmd}
-        ctx["profiles"][name] = path
-    mine = 1e3 * (sum(mine32[str(s["batch"])]["fwd"]) + sum(mine32[str(s["batch"])]["bwd"]))
-    res["cross_check"] = {"fp32_fwd_bwd_ms_profile_model": res["variants"]["fp32"]["fwd_bwd_ms"],
-                          "fp32_fwd_bwd_ms_script_timer": mine,
-                          "ratio_script_over_profile_model": mine / res["variants"]["fp32"]["fwd_bwd_ms"]}
-    res["bf16_cl_speedup_fwd_bwd"] = res["variants"]["fp32"]["fwd_bwd_ms"] / res["variants"]["bf16_cl"]["fwd_bwd_ms"]
+    _save_profile(ctx, res, "fp32", prof32,
+                  f"auxpar.perfmodel.profile_model (what `auxpar model-perf` measures{tf32})")
+    # bf16 autocast + channels_last by this script's timer, which first times fp32 too (a cross-check)
+    try:
+        net, classes = _build(ctx, dev)
+        mine32 = part_times(net, [s["batch"]], classes, dev, s["repeats"], None, False)
+        mine = 1e3 * (sum(mine32[str(s["batch"])]["fwd"]) + sum(mine32[str(s["batch"])]["bwd"]))
+        res["cross_check"] = {"fp32_fwd_bwd_ms_profile_model": res["variants"]["fp32"]["fwd_bwd_ms"],
+                              "fp32_fwd_bwd_ms_script_timer": mine,
+                              "ratio_script_over_profile_model": mine / res["variants"]["fp32"]["fwd_bwd_ms"]}
+        net = net.to(memory_format=torch.channels_last)
+        t0 = time.perf_counter()
+        times_bf = part_times(net, sizes, classes, dev, s["repeats"], VARIANTS["bf16_cl"][0], True)
+        res["bf16_cl_profile_s"] = time.perf_counter() - t0
+        del net
+        prof_bf = Profile.from_json(copy.deepcopy(prof32.to_json()))
+        prof_bf.times = times_bf
+        prof_bf.device = f"{prof32.device} bf16-autocast channels_last"
+        _save_profile(ctx, res, "bf16_cl", prof_bf,
+                      "per-part times by experiments/gpu_check.py under torch.autocast(bfloat16), model and inputs "
+                      "channels_last; opt_s_per_param, aux_s_per_value and load_s copied from the fp32 profile "
+                      "(the optimizer and aux store stay fp32)")
+        res["bf16_cl_speedup_fwd_bwd"] = (res["variants"]["fp32"]["fwd_bwd_ms"]
+                                          / res["variants"]["bf16_cl"]["fwd_bwd_ms"])
+    except Exception as exc:  # the fp32 profile stays
+        res["error"] = f"bf16_cl: {type(exc).__name__}: {exc}"
+        res["traceback"] = traceback.format_exc()[-4000:]
+    _release(dev)
     return res
 
 
@@ -521,8 +528,8 @@ def section_model_perf(ctx: dict) -> dict:
     from auxpar import cli
 
     s, out = ctx["sizes"], ctx["out"]
-    if set(ctx["profiles"]) != set(VARIANTS):
-        raise RuntimeError("needs the profile section's files, and the profile section did not write them")
+    if not ctx["profiles"]:
+        raise RuntimeError("needs the profile section's files, and the profile section wrote none")
     res = {"links": {k: {"bandwidth_gbs": v[0], "latency_us": v[1]} for k, v in LINKS.items()}, "runs": {},
            "rows": [], "how": "auxpar.cli.main(['model-perf', '--profile', FILE, ...]) in this process"}
     errors = []
@@ -547,6 +554,9 @@ def section_model_perf(ctx: dict) -> dict:
                                     "speedup": r.get("speedup"), "step_ms": None if r.get("step_s") is None
                                     else 1e3 * r["step_s"], "epoch_s": r.get("epoch_s"),
                                     "idle_fraction": r.get("idle_fraction"), "note": r.get("note", "")})
+    missing = [v for v in VARIANTS if v not in ctx["profiles"]]
+    if missing:
+        errors.append(f"no profile of {', '.join(missing)} (see the profile section)")
     if errors:
         res["error"] = "; ".join(errors)
     return res
@@ -763,7 +773,12 @@ def markdown(rep: dict) -> str:
 
 def write_report(rep: dict, out: Path) -> None:
     (out / "gpu_check.json").write_text(json.dumps(rep, indent=1, default=str))
-    (out / "gpu_check.md").write_text(markdown(rep))
+    try:
+        md = markdown(rep)
+    except Exception as exc:  # a report bug must not lose the numbers: fall back to the JSON
+        md = (f"# auxpar GPU check\n\nThe markdown renderer failed ({type(exc).__name__}: {exc}); "
+              f"the results as JSON:\n\n~~~\n{json.dumps(rep, indent=1, default=str)}\n~~~\n")
+    (out / "gpu_check.md").write_text(md)
 
 
 # ============================================================================ main
