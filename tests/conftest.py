@@ -34,3 +34,28 @@ def read_summary(run_dir: Path) -> dict:
 @pytest.fixture
 def run_cli_fixture():
     return run_cli
+
+
+# ---- device under test (tests/test_gpu_check.py; experiments/gpu_check.py sets it to cuda)
+
+TEST_DEVICE_ENV = "AUXPAR_TEST_DEVICE"
+
+
+def selected_device_name() -> str:
+    """``$AUXPAR_TEST_DEVICE`` (cpu or cuda; cpu when unset): the device the device checks run on."""
+    name = os.environ.get(TEST_DEVICE_ENV, "").strip().lower() or "cpu"
+    if name not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"{TEST_DEVICE_ENV}={name!r}: choose cpu or cuda")
+    return name
+
+
+@pytest.fixture
+def device_under_test():
+    """The torch device of ``$AUXPAR_TEST_DEVICE``; fails (never skips) when cuda is asked for
+    and torch sees no CUDA device, so a GPU check cannot pass by quietly running nothing."""
+    import torch
+
+    name = selected_device_name()
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"{TEST_DEVICE_ENV}=cuda but torch sees no CUDA device")
+    return torch.device(name)
