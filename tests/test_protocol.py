@@ -161,10 +161,12 @@ def test_protocol_checkpoint_resume_and_nan_guard(tmp_path):
     env = cli_env()
     killed = subprocess.run([sys.executable, "-m", "auxpar", *base[:-1], str(run2), "--progress", "off"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**env, "AUXPAR_FAULT": "kill:1:17"})
+                            env={**env, "AUXPAR_FAULT": "kill:1:6"})
     assert killed.returncode != 0
     traced_run(tmp_path / "t2", *base[:-1], str(run2), "--resume", "latest")
     checked(tmp_path / "t2")
+    import json
+    assert json.loads((run2 / "summary.json").read_text())["resumed_from_step"] == 5  # mid-epoch 2
 
 
 @pytest.mark.slow
