@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(no per-step check; only the epoch-end check)")
     g = t.add_argument_group("precision and memory format")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                   help="forward under autocast to bf16/fp16 (fp16 adds loss scaling; not with mgrit); "
-                        "fp32 (default) = no autocast. Aux states and messages keep --aux-dtype (fp32 default)")
+                   help="forward under autocast to bf16/fp16 (fp16 adds loss scaling; not with mgrit; on CPU "
+                        "fp16 runs but slowly, use bf16); fp32 (default) = no autocast. Aux states and "
+                        "messages keep --aux-dtype (fp32 default)")
     g.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
                    help="model/stages and 4-D inputs in torch.channels_last memory format")
     t.add_argument("--debug", action="store_true", help="show the traceback of errors")

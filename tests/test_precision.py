@@ -146,7 +146,12 @@ def test_overflow_skips_the_step_without_error_and_backs_off():
     amp.step(opt, ok)
     amp.update(skipped=not ok)
     assert ok and torch.allclose(p.detach(), torch.tensor([0.9, 0.8, 0.7]))
-    # A non-finite unscaled stage gradient (sent upstream) counts as this rank's overflow too.
+    # A non-finite unscaled stage gradient (sent upstream) counts as this rank's overflow too
+    # (unless check=False); it must be unscaled before unscale_(opt), which folds the flag in.
+    amp.unscale_tensor(amp.scale(torch.tensor([float("nan")])), check=False)
+    p.grad = torch.ones(3)
+    assert amp.unscale_(opt).item() == 0.0
+    amp.update(skipped=False)
     amp.unscale_tensor(amp.scale(torch.tensor([float("nan")])))
     p.grad = torch.ones(3)
     assert amp.unscale_(opt).item() == 1.0
