@@ -43,6 +43,7 @@ FLAG_KEYS = {
     "pipeline_schedule": ("dist", "pipeline_schedule"), "timeout": ("dist", "timeout_s"),
     "checkpoint_every": ("run", "checkpoint_every"), "keep": ("run", "keep"),
     "resume": ("run", "resume"), "on_nan": ("run", "on_nan"),
+    "precision": ("run", "precision"), "channels_last": ("run", "channels_last"),
     "mgrit_levels": ("mgrit", "levels"), "mgrit_cfactor": ("mgrit", "cfactor"),
     "mgrit_fwd_iters": ("mgrit", "fwd_iters"), "mgrit_bwd_iters": ("mgrit", "bwd_iters"),
     "mgrit_tol": ("mgrit", "tol"), "mgrit_relax": ("mgrit", "relax"), "mgrit_nested": ("mgrit", "nested"),
@@ -156,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--on-nan", choices=["stop", "skip", "off"],
                    help="non-finite loss on any rank: stop all ranks (default), skip the step, or off "
                         "(no per-step check; only the epoch-end check)")
+    g = t.add_argument_group("precision and memory format")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="forward under autocast to bf16/fp16 (fp16 adds loss scaling; not with mgrit; on CPU "
+                        "fp16 runs but slowly, use bf16); fp32 (default) = no autocast. Aux states and "
+                        "messages keep --aux-dtype (fp32 default)")
+    g.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
+                   help="model/stages and 4-D inputs in torch.channels_last memory format")
     t.add_argument("--debug", action="store_true", help="show the traceback of errors")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 

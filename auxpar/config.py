@@ -2,7 +2,7 @@
 
 A run is described by one :class:`Config`, made of sections that mirror the TOML file::
 
-    [run]    method, seed, epochs, out, threads, eval_every, log_every
+    [run]    method, seed, epochs, out, threads, eval_every, log_every, precision, channels_last
     [model]  name, dropout, norm
     [data]   dataset, data_dir, batch_size, augment, crop_pad, pad_mode, flip, synthetic_*
     [optim]  lr, momentum, nesterov, weight_decay, schedule, milestones, gamma, min_lr
@@ -75,6 +75,17 @@ class RunConfig:
     (all ranks exit with one message naming rank, stage and step) or skip (drop that step);
     off = no per-step check (no all-reduce and host read per step), only the epoch-end check,
     which stops after the fact (parameters are then already damaged)."""
+    precision: str = "fp32"
+    """Compute precision of forwards (and losses): fp32 (default: no autocast, unchanged), bf16
+    or fp16 = forward under torch.autocast(device, dtype). Parameters, gradients, optimizer
+    state, losses/penalties and the tensors sent between ranks stay fp32; aux states and their
+    messages keep coupling.aux_dtype (fp32 by default, also under bf16/fp16). fp16 adds one
+    GradScaler per rank; a step that overflows on any rank is skipped on every rank and the
+    scale backs off (auxpar/precision.py). fp16 is not available for --method mgrit (use bf16);
+    on CPU fp16 runs (torch autocasts CPU to fp16) but far slower than fp32/bf16 (digits
+    ResNet-20: 57 s vs 1.6 s for 6 epochs). Evaluation is always fp32."""
+    channels_last: bool = False
+    """Convert the model/stages and their 4-D inputs to torch.channels_last memory format."""
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -91,6 +102,7 @@ class RunConfig:
             raise ConfigError(f"run.keep = {self.keep} must be >= 2, so that a crash while writing a "
                               "checkpoint always leaves a complete previous one")
         _choice("run.on_nan", self.on_nan, ("stop", "skip", "off"))
+        _choice("run.precision", self.precision, ("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -419,6 +431,11 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.run.precision == "fp16" and self.run.method == "mgrit":
+            raise ConfigError(
+                "--precision fp16 does not run with --method mgrit: a loss scale would have to pass "
+                "through every adjoint relaxation, residual norm and warm-start state of the MGRIT "
+                "solves; use --precision bf16 (no loss scaling needed) or fp32")
         return self
 
     def resolved(self) -> dict:

@@ -20,6 +20,7 @@ import torch
 
 from auxpar.config import Config
 from auxpar.distributed import DistInfo
+from auxpar.precision import Precision
 
 
 @dataclass
@@ -50,6 +51,9 @@ class Method:
         :meth:`finite_guard` then sees a NaN loss on this rank."""
         self.skipped_steps = 0
         """Steps dropped by ``--on-nan skip``."""
+        self.amp = Precision(cfg, info.device)
+        """Mixed precision / channels_last service (autocast, fp16 loss scaling); see
+        :mod:`auxpar.precision` for the call sequence of a step."""
 
     # -- failure handling ---------------------------------------------------------------
     def stage_name(self, rank: int) -> str:
@@ -86,19 +90,27 @@ class Method:
         """
         return self.guard_wait(self.guard_post(*losses))
 
-    def guard_post(self, *losses: torch.Tensor):
-        """Start the guard's all-reduce for this rank's losses (asynchronous); see finite_guard."""
+    def guard_post(self, *losses: torch.Tensor, overflow: torch.Tensor | None = None):
+        """Start the guard's all-reduce for this rank's losses (asynchronous); see finite_guard.
+
+        ``overflow``: this rank's fp16 overflow flag (``self.amp.unscale_(opt)``), or None. With
+        one, the all-reduce carries 2W flags (W loss flags, then W overflow flags) and is posted
+        even under ``--on-nan off``: an overflow anywhere skips the step on every rank."""
         import torch.distributed as tdist
 
         info = self.info
-        if self.cfg.run.on_nan == "off" and not self.poison:
+        if self.cfg.run.on_nan == "off" and not self.poison and overflow is None:
             return None
-        bad = torch.zeros(info.world_size, dtype=torch.float32, device=info.device)
-        vals = [torch.as_tensor(v, device=info.device).detach().float().reshape(-1) for v in losses]
-        if vals:
-            bad[info.rank] = (~torch.isfinite(torch.cat(vals))).any().float()
+        W = info.world_size
+        bad = torch.zeros(W if overflow is None else 2 * W, dtype=torch.float32, device=info.device)
+        if self.cfg.run.on_nan != "off":
+            vals = [torch.as_tensor(v, device=info.device).detach().float().reshape(-1) for v in losses]
+            if vals:
+                bad[info.rank] = (~torch.isfinite(torch.cat(vals))).any().float()
         if self.poison:
             bad[info.rank] = 1.0
+        if overflow is not None:
+            bad[W + info.rank] = overflow.detach().float().reshape(())
         work = tdist.all_reduce(bad, async_op=True) if info.distributed else None
         return bad, work
 
@@ -112,8 +124,13 @@ class Method:
         if work is not None:
             work.wait()
         flags = bad.tolist()  # the one host read of the guard
-        ranks = [r for r, f in enumerate(flags) if f > 0]
+        W = self.info.world_size
+        ranks = [r for r, f in enumerate(flags[:W]) if f > 0]
         if not ranks:
+            if any(f > 0 for f in flags[W:]):
+                # fp16 overflow on some rank: every rank skips this step (no error; the scale backs off)
+                self.amp.overflow_steps += 1
+                return False
             return True
         where = "; ".join(f"rank {r} ({self.stage_name(r)})" for r in ranks)
         self._restore_buffers()

@@ -69,6 +69,20 @@ from auxpar.schedule import parse_phases, phase_at
 from auxpar.timing import Clock
 
 
+class _AmpBlocks(StageBlocks):
+    """StageBlocks whose block evaluations run under the rank's autocast (and channels_last)
+    and return fp32 states, so MGRIT states, residuals and messages stay fp32 (--precision bf16)."""
+
+    def __init__(self, blocks, start, h, amp):
+        super().__init__(blocks, start, h)
+        self.amp = amp
+
+    def run(self, n, x, mult=1):
+        with self.amp.autocast():
+            y = super().run(n, self.amp.input(x), mult)
+        return y.float()
+
+
 class MgritMethod(Method):
     name = "mgrit"
 
@@ -94,10 +108,12 @@ class MgritMethod(Method):
         self.shapes = [tuple(s) for s in net.boundary_shapes()]
         stages = net.partition(self.K, self.counts)
         self.layouts = stage_layouts(stages)  # every stage's tensors, for the model.pt gather
-        self.stage = stages[self.k].to(self.device)
+        self.stage = self.amp.module(stages[self.k].to(self.device))
         self.block_range = self.stage.block_range
         self.net = None
-        self.blocks = StageBlocks(list(self.stage.blocks), self.block_range[0], mg.step)
+        self.blocks = (_AmpBlocks(list(self.stage.blocks), self.block_range[0], mg.step, self.amp)
+                       if self.amp.enabled or self.amp.channels_last
+                       else StageBlocks(list(self.stage.blocks), self.block_range[0], mg.step))
         self.opt = make_sgd(self.stage.parameters(), cfg)
         self.clock = Clock(self.device)
         self.p2p = P2P(info.rank, self.device, info.backend, clock=self.clock)
@@ -195,8 +211,8 @@ class MgritMethod(Method):
         u0 = None
         fixed = None
         if k == 0:
-            with torch.set_grad_enabled(keep_graph):
-                u0 = self.stage.stem(x)
+            with torch.set_grad_enabled(keep_graph), self.amp.autocast():
+                u0 = self.stage.stem(self.amp.input(x)).float()
             fixed = u0.detach()
         prop = ForwardProp(self.blocks, self.grid, keep_graph=keep_graph)
         comm = ChainComm(self.p2p, self.mesh, self.mesh.prev, self.mesh.next, self.shapes.__getitem__,
@@ -239,7 +255,8 @@ class MgritMethod(Method):
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         if k == K - 1:
             leaf = fres.states[N].detach().requires_grad_(True)
-            logits = self.stage.head(leaf)
+            with self.amp.autocast():
+                logits = self.stage.head(self.amp.input(leaf)).float()
             loss = F.cross_entropy(logits, y)
             loss.backward()
             lam_N = leaf.grad
@@ -273,7 +290,8 @@ class MgritMethod(Method):
         else:
             inp = p2p.recv((b, *self.stage.in_shape), torch.float32, mesh.prev)
             inp.requires_grad_(True)
-        out = self.stage(inp)
+        with self.amp.autocast():
+            out = self.stage(self.amp.input(inp)).float()
         loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         if k < K - 1:
@@ -476,7 +494,7 @@ class MgritMethod(Method):
         warm = {key: (None if v is None else {int(p): t for p, t in v.items()}) for key, v in self.warm.items()}
         r = self._run
         return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(), "warm": warm,
-                "skipped_steps": self.skipped_steps, "dp_bytes": self.dp_bytes,
+                "skipped_steps": self.skipped_steps, "dp_bytes": self.dp_bytes, "amp": self.amp.state_dict(),
                 "counters": {"bytes_sent": self.p2p.bytes_sent, "bytes_sent_eval": self.p2p.bytes_sent_eval,
                              **self.clock.state_dict()},
                 "run": {"steps": r["steps"], "fwd_iters": r["fwd_iters"], "bwd_iters": r["bwd_iters"],
@@ -490,6 +508,7 @@ class MgritMethod(Method):
                      for key, v in state.get("warm", {}).items()} or {"fwd": None, "bwd": None}
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.dp_bytes = int(state.get("dp_bytes", 0))
+        self.amp.load_state_dict(state.get("amp"))
         c = state.get("counters") or {}
         self.p2p.bytes_sent, self.p2p.bytes_sent_eval = int(c.get("bytes_sent", 0)), int(c.get("bytes_sent_eval", 0))
         self.clock.load_state_dict(c)

@@ -26,6 +26,13 @@ batch size not divisible by ``--microbatches`` (its static micro-batch shapes, a
 mean-of-means equality, need equal micro-batches), 1F1B with fewer micro-batches than stages
 (``Schedule1F1B`` refuses it), world size != K, and a torch without the module.
 
+Precision (``--precision``, ``--channels-last``; auxpar/precision.py): the schedule runs each
+stage inside a thin wrapper that converts its input to channels_last, runs the forward under
+autocast and hands the schedule fp32 outputs (what is sent, and the logits the fp32 loss sees).
+Under fp16 the wrapper multiplies the gradient entering the stage's output by the rank's loss
+scale and divides the gradient leaving its input by it, so the schedule sends true fp32
+gradients and each rank scales its own backward; overflow flags ride on the NaN guard.
+
 Accounting: ``comm_bytes`` counts every activation and gradient tensor this rank hands to a
 send of the schedule (measured from the send ops, not derived from shapes). Time per rank:
 ``compute`` = forward and backward of each micro-batch plus the optimizer step (timed around
@@ -119,6 +126,25 @@ def _mean_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
+class _AmpStage(torch.nn.Module):
+    """The stage as the pipelining schedule runs it under bf16/fp16 or channels_last: input in
+    channels_last, forward under autocast, output fp32 contiguous (what the schedule sends and
+    what the loss sees). Under fp16 the gradient entering the stage's output is multiplied by
+    the loss scale and the gradient leaving its input divided by it, so the schedule moves true
+    fp32 gradients between ranks and the last stage's loss stays unscaled (auxpar/precision.py)."""
+
+    def __init__(self, stage: torch.nn.Module, amp):
+        super().__init__()
+        self.stage, self.amp = stage, amp
+
+    def forward(self, x):
+        amp = self.amp
+        x = amp.input(amp.grad_unscaled(x))
+        with amp.autocast():
+            out = self.stage(x)
+        return amp.grad_scaled(out.float().contiguous())
+
+
 class PipelineRunner:
     """One stage of a K-stage micro-batched pipeline: ``step(x, y)`` runs forward and backward of
     one batch on every rank (gradients accumulate in the stage's parameters, averaged over the M
@@ -129,8 +155,12 @@ class PipelineRunner:
     batch sizes, so every rank builds the same ones.
     """
 
-    def __init__(self, stage, k: int, K: int, device: torch.device, microbatches: int, schedule: str):
+    def __init__(self, stage, k: int, K: int, device: torch.device, microbatches: int, schedule: str,
+                 amp=None):
         self.stage, self.k, self.K, self.device = stage, k, K, device
+        # fp32 without channels_last runs the stage itself (the unchanged default path)
+        self.module = (_AmpStage(stage, amp) if amp is not None and (amp.enabled or amp.channels_last)
+                       else stage)
         self.M, self.schedule_name = microbatches, schedule
         self._built: dict[int, tuple] = {}
         self._bytes_done = 0
@@ -145,7 +175,7 @@ class PipelineRunner:
             mb = b // self.M
             inp = torch.empty((mb, *self.stage.in_shape), device="meta").requires_grad_(self.k > 0)
             out = torch.empty((mb, *self.stage.out_shape), device="meta").requires_grad_(True)
-            pstage = stage_cls(self.stage, self.k, self.K, self.device, input_args=inp, output_args=out)
+            pstage = stage_cls(self.module, self.k, self.K, self.device, input_args=inp, output_args=out)
             sched = schedules[self.schedule_name](pstage, n_microbatches=self.M, loss_fn=_mean_ce,
                                                   scale_grads=True)
             self._built[b] = (pstage, sched)
@@ -192,14 +222,14 @@ class PipelineMethod(Method):
         stages = net.partition(self.K, cfg.dist.split or None)
         self.ranges = [s.block_range for s in stages]
         self.layouts = stage_layouts(stages)  # every stage's tensors, for the model.pt gather
-        self.stage = stages[self.k].to(self.device)
+        self.stage = self.amp.module(stages[self.k].to(self.device))
         self.block_range = self.stage.block_range
         self.net = None
         self.opt = make_sgd(self.stage.parameters(), cfg)
         self.log_rank = self.K - 1  # the last stage owns the loss and the accuracy
         self.p2p = P2P(info.rank, self.device, info.backend)  # evaluation and the model gather
         self.runner = PipelineRunner(self.stage, self.k, self.K, self.device, cfg.dist.microbatches,
-                                     cfg.dist.pipeline_schedule)
+                                     cfg.dist.pipeline_schedule, self.amp)
         self.time_step = 0.0
         self.time_optim = 0.0
 
@@ -262,11 +292,13 @@ class PipelineMethod(Method):
         last = self.k == self.K - 1
         if not last:
             loss = torch.zeros((), device=self.device)
-        ok = self.finite_guard(loss)  # every rank, before any parameter changes
+        overflow = self.amp.unscale_(self.opt)  # fp16: this rank's overflow flag (else None)
+        ok = self.guard_wait(self.guard_post(loss, overflow=overflow))  # every rank, before any update
         if ok:
             t1 = time.perf_counter()
             self.clip_and_step()
             self.time_optim += time.perf_counter() - t1
+        self.amp.update(skipped=not ok)
         self.time_step += time.perf_counter() - t0
         if not ok:  # --on-nan skip: the step is dropped and counts no samples
             return StepOut(torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long,
@@ -324,7 +356,7 @@ class PipelineMethod(Method):
         """Stage tensors, optimizer, and the counters (skipped steps, bytes, times)."""
         r = self.runner
         return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(),
-                "skipped_steps": self.skipped_steps,
+                "skipped_steps": self.skipped_steps, "amp": self.amp.state_dict(),
                 "counters": {"bytes_sent": r.bytes_sent, "bytes_sent_eval": self.p2p.bytes_sent_eval,
                              "time_compute": r.time_compute, "time_optim": self.time_optim,
                              "time_step": self.time_step}}
@@ -333,6 +365,7 @@ class PipelineMethod(Method):
         self.stage.load_state_dict(state["stage"])
         self.opt.load_state_dict(state["optimizer"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.amp.load_state_dict(state.get("amp"))
         c = state.get("counters") or {}
         self.runner.reset_counters(int(c.get("bytes_sent", 0)), float(c.get("time_compute", 0.0)))
         self.p2p.bytes_sent_eval = int(c.get("bytes_sent_eval", 0))
@@ -364,7 +397,7 @@ class PipelineSerialExecutor:
             raise ConfigError(problem)
         _pipelining()
         self.runner = PipelineRunner(method.stage, method.k, method.K, method.device, cfg.dist.microbatches,
-                                     cfg.dist.pipeline_schedule)
+                                     cfg.dist.pipeline_schedule, method.amp)
 
     def train_step(self, batch) -> StepOut:
         m, k, K = self.m, self.m.k, self.m.K
@@ -380,7 +413,10 @@ class PipelineSerialExecutor:
         m.p2p.bytes_sent += self.runner.bytes_sent - bytes0
         if k < K - 1:
             loss = torch.zeros((), device=m.device)
-        if not m.finite_guard(loss):
+        overflow = m.amp.unscale_(m.opt)  # fp16: this rank's overflow flag (else None)
+        ok = m.guard_wait(m.guard_post(loss, overflow=overflow))
+        m.amp.update(skipped=not ok)
+        if not ok:
             return StepOut(torch.zeros((), device=m.device), torch.zeros((), dtype=torch.long, device=m.device), 0)
         with m.clock.section("compute"):
             m.clip_and_step()

@@ -35,7 +35,7 @@ class SerialMethod(Method):
 
     def __init__(self, cfg, info, net):
         super().__init__(cfg, info, net)
-        self.net = net.to(info.device)
+        self.net = self.amp.module(net.to(info.device))
         self.model = self.net  # what forward/backward run through (DDP wraps it)
         self.opt = make_sgd(self.net.parameters(), cfg)
 
@@ -57,17 +57,25 @@ class SerialMethod(Method):
             g["lr"] = lr
 
     def train_step(self, batch, phase, next_idx=None):
+        amp = self.amp
         self.model.train()
         self.snapshot_buffers(self.net)
-        logits = self.model(batch.x)
-        loss = F.cross_entropy(logits, batch.y)
-        guard = self.guard_post(loss)  # every rank's loss, checked before the optimizer step
+        with amp.autocast():
+            logits = self.model(amp.input(batch.x))
+        loss = F.cross_entropy(logits.float(), batch.y)  # fp32 loss (a no-op cast under fp32)
+        # Every rank's loss, checked before the optimizer step; under fp16 posted after backward
+        # + unscale, with the overflow flag (see auxpar/precision.py).
+        guard = None if amp.scaling else self.guard_post(loss)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.guard_wait(guard):
-            if self.cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
-            self.opt.step()
+        amp.scale(loss).backward()
+        overflow = amp.unscale_(self.opt)
+        if amp.scaling:
+            guard = self.guard_post(loss, overflow=overflow)
+        ok = self.guard_wait(guard)
+        if ok and self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
+        amp.step(self.opt, ok)
+        amp.update(skipped=not ok)
         correct = (logits.detach().argmax(1) == batch.y).sum()
         return StepOut(loss.detach(), correct, batch.y.numel())
 
@@ -77,7 +85,7 @@ class SerialMethod(Method):
         loss_sum = torch.zeros((), device=self.info.device)
         correct = torch.zeros((), dtype=torch.long, device=self.info.device)
         count = 0
-        for b in batches:
+        for b in batches:  # fp32, as every method's evaluation (layer_serial_evaluate)
             logits = self.net(b.x)
             loss_sum += F.cross_entropy(logits, b.y, reduction="sum")
             correct += (logits.argmax(1) == b.y).sum()
@@ -94,12 +102,14 @@ class SerialMethod(Method):
 
     def state_dict(self):
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
-                "skipped_steps": self.skipped_steps, "payload": getattr(self, "_payload", 0)}
+                "skipped_steps": self.skipped_steps, "payload": getattr(self, "_payload", 0),
+                "amp": self.amp.state_dict()}
 
     def load_state_dict(self, state):
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.amp.load_state_dict(state.get("amp"))
         if hasattr(self, "_payload"):
             self._payload = int(state.get("payload", 0))
 
