@@ -374,3 +374,54 @@ def test_fp16_checkpoint_resume_is_bitwise(tmp_path):
     ma, mb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
     ma, mb = ma.get("model", ma), mb.get("model", mb)
     assert all(torch.equal(ma[k], mb[k]) for k in ma if isinstance(ma[k], torch.Tensor))
+
+
+# ---------------------------------------------------------------------------- penalty / AL
+
+def _layer_serial_vs_serial(rank, world, prec):
+    """The SPH serial phase of penalty (layer executor) under autocast equals serial under the
+    same precision: the gradients between ranks travel unscaled in fp32."""
+    cfg = _cfg("penalty", norm="none", precision=prec)
+    cfg.dist.stages = world
+    info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo")
+    m = get_method("penalty")(cfg, info, _net("none"))
+    m.set_lr(0.1)
+    ref = _serial(precision=prec, norm="none")
+    start = m.block_range[0]
+    before = {k: v.detach().clone() for k, v in m.stage.named_parameters()}
+    for b in _batches(2):
+        m.train_step(b, "serial")
+        ref.train_step(b, "serial")
+    refp = dict(ref.net.named_parameters())
+    diff = moved = 0.0
+    for name, p in m.stage.named_parameters():
+        g = name
+        if name.startswith("blocks."):
+            _, i, rest = name.split(".", 2)
+            g = f"blocks.{start + int(i)}.{rest}"
+        diff = max(diff, (p.detach() - refp[g].detach()).abs().max().item())
+        moved = max(moved, (p.detach() - before[name]).abs().max().item())
+    return {"diff": diff, "moved": moved, "scale": m.amp.get_scale(), "ref_scale": ref.amp.get_scale()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+def test_penalty_serial_phase_mixed_precision_tracks_serial(prec):
+    for r in run_ranks(_layer_serial_vs_serial, 2, prec):
+        # a gradient sent scaled (or unscaled twice) would be off by the 65536x loss scale
+        assert r["moved"] > 1e-3 and r["diff"] < (0.25 if prec == "bf16" else 0.05) * r["moved"], r
+        assert r["scale"] == r["ref_scale"]
+
+
+@pytest.mark.slow
+def test_penalty_k2_digits_bf16_within_one_point_of_fp32(tmp_path):
+    """The issue's bar: penalty K = 2 on digits (package defaults, seed 0) under bf16 autocast
+    lands within 1 point of fp32 (measured: 99.17% fp32, 98.61% bf16)."""
+    accs = {}
+    for p in ("fp32", "bf16"):
+        out = tmp_path / p
+        r = run_cli("train", "--method", "penalty", "--stages", "2", "--dataset", "digits", "--precision", p,
+                    "--out", str(out), "--progress", "off", timeout=300)
+        assert r.returncode == 0, r.stderr + r.stdout
+        accs[p] = read_summary(out)["final_test_acc"]
+    assert abs(accs["bf16"] - accs["fp32"]) <= 0.01, accs

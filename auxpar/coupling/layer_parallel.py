@@ -98,42 +98,47 @@ class LayerSerialExecutor:
         self.m = method
 
     def train_step(self, batch) -> StepOut:
-        m, p2p, clock, k, K = self.m, self.m.p2p, self.m.clock, self.m.k, self.m.K
+        m, p2p, clock, amp, k, K = self.m, self.m.p2p, self.m.clock, self.m.amp, self.m.k, self.m.K
         b = batch.y.numel()
         m.stage.train()
         m.snapshot_buffers(m.stage)
         # Messages with each neighbour, in order: activation k -> k+1, then gradient k+1 -> k.
+        # Both travel as true fp32 values (no autocast dtype, no loss scale on the wire).
         if k == 0:
             inp = batch.x
         else:
             inp = p2p.recv((b, *m.stage.in_shape), torch.float32, k - 1)
             inp.requires_grad_(True)
         tok = clock.start()
-        out = m.stage(inp)
+        with amp.autocast():
+            out = m.stage(amp.input(inp)).float()
         if k < K - 1:
             clock.stop("compute", tok)
-            p2p.send(out.detach().float(), k + 1)
+            p2p.send(amp.wire(out), k + 1)
             grad = p2p.recv((b, *m.stage.out_shape), torch.float32, k + 1)
             tok = clock.start()
             m.opt.zero_grad(set_to_none=True)
-            out.backward(grad)
+            out.backward(amp.scale(grad))
             loss = torch.zeros((), device=m.device)
             correct = torch.zeros((), dtype=torch.long, device=m.device)
         else:
             loss = F.cross_entropy(out, batch.y)
             m.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            amp.scale(loss).backward()
             loss = loss.detach()
             correct = (out.detach().argmax(1) == batch.y).sum()
         clock.stop("compute", tok)
         if k > 0:
-            p2p.send(inp.grad, k - 1)
+            p2p.send(amp.unscale_tensor(inp.grad), k - 1)
         # NaN guard after the gradient went upstream (every rank must reach it): the last stage
         # checks its loss, the others their output, so the first rank named is where it started.
         check = loss if k == K - 1 else out.detach().float().sum()
-        if m.finite_guard(check):
+        overflow = amp.unscale_(m.opt)  # fp16: this rank's overflow flag; else None
+        ok = m.guard_wait(m.guard_post(check, overflow=overflow))
+        if ok:
             with clock.section("compute"):
                 m.clip_and_step()
+        amp.update(skipped=not ok)
         return StepOut(loss, correct, b)
 
 
@@ -151,7 +156,7 @@ class LayerParallelMethod(Method):
         for s in stages[:-1]:  # every rank checks every boundary, so all ranks fail alike
             DSFilter(s.out_shape, c.ds_factor, c.ds_mode, c.upsample, where=f"boundary {s.index + 1}")
         self.layouts = stage_layouts(stages)  # every stage's tensors, for the model.pt gather
-        self.stage = stages[self.k].to(self.device)
+        self.stage = self.amp.module(stages[self.k].to(self.device))
         self.block_range = self.stage.block_range
         self.net = None
         self.opt = make_sgd(self.stage.parameters(), cfg)
@@ -261,10 +266,13 @@ class LayerParallelMethod(Method):
             else:
                 self.store.put_z(batch.idx, o)
                 inp = self.ds_in.up(self.store.get_z(batch.idx))
-            out = self.stage(inp) if self.k < self.K - 1 else None
+            out = None
+            if self.k < self.K - 1:
+                with self.amp.autocast():
+                    out = self.stage(self.amp.input(inp)).float()
             clock.stop("compute", tok)
             if out is not None:
-                p2p.send_async(self.ds_out.down(out).to(self.send_dtype), self.k + 1)
+                p2p.send_async(self.amp.wire(self.ds_out.down(out), self.send_dtype), self.k + 1)
                 if i % 4 == 3:
                     p2p.reap()
         p2p.reap(block=True)
@@ -321,20 +329,22 @@ class LayerParallelMethod(Method):
             self._post_targets(next_idx, j + 1)  # early: t for the next batch arrives during this compute
         rec = self._posted.pop(j)
         acc = self._epoch_acc
+        amp = self.amp
         tok = clock.start()
         self.stage.train()
         self.snapshot_buffers(self.stage)
         if k == 0:
             inp = zb = batch.x
         else:
-            zb = rec["z"].requires_grad_(True)  # N x C x H/s x W/s
+            zb = rec["z"].requires_grad_(True)  # N x C x H/s x W/s, fp32
             inp = self.ds_in.up(zb)
-        out = self.stage(inp)
+        with amp.autocast():
+            out = self.stage(amp.input(inp)).float()
         o = self.ds_out.down(out) if k < K - 1 else None  # N x C' x H'/s x W'/s
         clock.stop("compute", tok)
 
         # O(j): our output up, the output of the stage below (for the aux update) in.
-        up = [(o.detach().to(self.send_dtype), k + 1)] if o is not None else []
+        up = [(amp.wire(o, self.send_dtype), k + 1)] if o is not None else []
         down = [((b, *self.ds_in.shape), self.send_dtype, k - 1)] if k > 0 else []
         out_ex = p2p.keep(p2p.exchange(up, down))
 
@@ -350,21 +360,26 @@ class LayerParallelMethod(Method):
             loss = F.cross_entropy(out, batch.y)
             correct = (out.detach().argmax(1) == batch.y).sum()
         # Every stage's loss (penalty or CE) is checked across all ranks before any update; the
-        # check's all-reduce runs during the backward pass.
-        guard = self.guard_post(loss)
+        # check's all-reduce runs during the backward pass (under fp16 after it: see precision.py).
+        guard = None if amp.scaling else self.guard_post(loss)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        amp.scale(loss).backward()
+        # per-sample, sum-reduced input gradient of this stage's own loss (unscaled before unscale_)
+        g = amp.unscale_tensor(zb.grad) * b if k > 0 else None
+        overflow = amp.unscale_(self.opt)
+        if amp.scaling:
+            guard = self.guard_post(loss, overflow=overflow)
         clock.stop("compute", tok)
         ok = self.guard_wait(guard)
         if ok:
             with clock.section("compute"):
                 self.clip_and_step()
+        amp.update(skipped=not ok)
         acc["steps"] += 1
         if k > 0:
             obuf = out_ex.wait()[0]
             if ok:
                 with clock.section("compute"):
-                    g = zb.grad * b  # per-sample, sum-reduced input gradient of this stage's own loss
                     self._update_aux(batch.idx, zb.detach(), obuf.float(), g, rec["mu"])
         p2p.reap()
         self._j += 1
@@ -456,6 +471,7 @@ class LayerParallelMethod(Method):
         store checkpoints at half the fp32 size), and the accounting counters."""
         p2p = self.p2p
         return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(), "beta": self.beta,
+                "amp": self.amp.state_dict(),
                 "stale": self.stale, "aux": self.store.state_dict() if self.store is not None else None,
                 "skipped_steps": self.skipped_steps,
                 "counters": {"bytes_sent": p2p.bytes_sent, "bytes_sent_eval": p2p.bytes_sent_eval,
@@ -465,6 +481,7 @@ class LayerParallelMethod(Method):
         self.stage.load_state_dict(state["stage"])
         self.opt.load_state_dict(state["optimizer"])
         self.beta, self.stale = state["beta"], state["stale"]
+        self.amp.load_state_dict(state.get("amp"))
         if self.store is not None and state.get("aux") is not None:
             self.store.load_state_dict(state["aux"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
