@@ -82,3 +82,12 @@ def test_clock_on_cpu_accumulates_and_round_trips():
     d = Clock("cpu")
     d.load_state_dict(c.state_dict())
     assert d.totals() == t
+
+
+def test_pipelining_over_gloo_on_a_gpu_is_refused_with_the_fix():
+    from auxpar.coupling.pipeline import check_transport
+
+    check_transport("gloo", torch.device("cpu"), "--method pipeline")
+    check_transport("nccl", torch.device("cuda", 0), "--method pipeline")
+    with pytest.raises(DistributedError, match="--backend nccl"):
+        check_transport("gloo", torch.device("cuda", 0), "--method pipeline")

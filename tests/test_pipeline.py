@@ -78,7 +78,7 @@ def _pipeline_vs_serial(rank, world, method, schedule, M):
     diff = max((after[k] - ref_p[k].detach()).abs().max().item() for k in after)
     moved = max((after[k] - before[k]).abs().max().item() for k in after)
     out = {"diff": diff, "moved": moved, "losses": losses, "ref_losses": ref_losses,
-           "bytes": m.comm_bytes() if method == "pipeline" else m.nb.bytes_sent}
+           "bytes": m.comm_bytes() if method == "pipeline" else m.p2p.bytes_sent}
     # NaN guard: a non-finite loss on rank 0 (fault injection) stops every rank before the step.
     m.poison = rank == 0
     m.step_index = 4

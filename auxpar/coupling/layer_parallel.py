@@ -423,7 +423,9 @@ class LayerParallelMethod(Method):
         if self.store is not None:
             t[2, k] = self.store.mean_mu_norm()
         tt = self.clock.totals()
-        t[3, k], t[4, k], t[5, k] = tt["compute"], tt["comm"], tt["wait"]
+        # (the pipeline serial executor's schedule: "chunk" is compute, the rest of "pipe" waiting)
+        chunk, pipe = tt.get("chunk", 0.0), tt.get("pipe", 0.0)
+        t[3, k], t[4, k], t[5, k] = tt["compute"] + chunk, tt["comm"], tt["wait"] + max(pipe - chunk, 0.0)
         all_reduce_(self.info, t)
         rows = t.tolist()
         ran_parallel = acc["steps"] > 0

@@ -45,13 +45,13 @@ is 0 and ``time_wait_s`` holds both.
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 import torch.nn.functional as F
 
 from auxpar.coupling.base import Method, StepOut
-from auxpar.coupling.comm import P2P
+from auxpar.coupling.comm import P2P, needs_staging
+from auxpar.timing import Clock
 from auxpar.coupling.serial import make_sgd
 from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate, stage_layouts
 from auxpar.distributed import all_reduce_, barrier
@@ -79,6 +79,16 @@ def pipeline_problems(batch_size: int, microbatches: int, schedule: str, K: int,
 
 
 @functools.lru_cache(maxsize=1)
+def check_transport(backend: str, device: torch.device, flag: str) -> None:
+    """torch.distributed.pipelining sends the stage's device tensors itself, past auxpar's
+    host staging (auxpar/coupling/comm.py), and gloo moves CPU tensors only."""
+    if needs_staging(backend, device):
+        raise DistributedError(
+            f"{flag} cannot run on {device} over gloo: torch.distributed.pipelining sends device tensors "
+            "directly and gloo moves CPU tensors only; use --backend nccl (one GPU per rank), or for "
+            "several ranks on one GPU --serial-executor layer / --method penalty")
+
+
 def _pipelining():
     """(PipelineStage, {schedule name: class}); a clear error when this torch lacks the module."""
     try:
@@ -90,10 +100,11 @@ def _pipelining():
         ) from None
 
     class CountingStage(PipelineStage):
-        """A PipelineStage that counts the bytes it sends and times its own compute."""
+        """A PipelineStage that counts the bytes it sends and times its own compute (bucket
+        ``chunk`` of the runner's :class:`~auxpar.timing.Clock`: CUDA events on a GPU)."""
 
         bytes_sent = 0
-        time_compute = 0.0
+        clock = None
 
         def get_fwd_send_ops(self, fwd_chunk_id):
             ops = super().get_fwd_send_ops(fwd_chunk_id)
@@ -106,18 +117,12 @@ def _pipelining():
             return ops
 
         def forward_one_chunk(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
+            with self.clock.section("chunk"):
                 return super().forward_one_chunk(*args, **kwargs)
-            finally:
-                self.time_compute += time.perf_counter() - t0
 
         def backward_one_chunk(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
+            with self.clock.section("chunk"):
                 return super().backward_one_chunk(*args, **kwargs)
-            finally:
-                self.time_compute += time.perf_counter() - t0
 
     return CountingStage, {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -156,15 +161,15 @@ class PipelineRunner:
     """
 
     def __init__(self, stage, k: int, K: int, device: torch.device, microbatches: int, schedule: str,
-                 amp=None):
+                 amp=None, clock: Clock | None = None):
         self.stage, self.k, self.K, self.device = stage, k, K, device
+        self.clock = clock if clock is not None else Clock(device)  # chunk compute goes to "chunk"
         # fp32 without channels_last runs the stage itself (the unchanged default path)
         self.module = (_AmpStage(stage, amp) if amp is not None and (amp.enabled or amp.channels_last)
                        else stage)
         self.M, self.schedule_name = microbatches, schedule
         self._built: dict[int, tuple] = {}
         self._bytes_done = 0
-        self._compute_done = 0.0
 
     def _get(self, b: int):
         if b not in self._built:
@@ -176,24 +181,21 @@ class PipelineRunner:
             inp = torch.empty((mb, *self.stage.in_shape), device="meta").requires_grad_(self.k > 0)
             out = torch.empty((mb, *self.stage.out_shape), device="meta").requires_grad_(True)
             pstage = stage_cls(self.module, self.k, self.K, self.device, input_args=inp, output_args=out)
+            pstage.clock = self.clock
             sched = schedules[self.schedule_name](pstage, n_microbatches=self.M, loss_fn=_mean_ce,
                                                   scale_grads=True)
             self._built[b] = (pstage, sched)
         return self._built[b]
 
-    def reset_counters(self, bytes_sent: int, time_compute: float) -> None:
-        """Set the running totals (a resumed run continues its accounting)."""
-        self._bytes_done, self._compute_done = bytes_sent, time_compute
+    def reset_counters(self, bytes_sent: int) -> None:
+        """Set the running byte total (a resumed run continues its accounting)."""
+        self._bytes_done = bytes_sent
         for p, _ in self._built.values():
-            p.bytes_sent, p.time_compute = 0, 0.0
+            p.bytes_sent = 0
 
     @property
     def bytes_sent(self) -> int:
         return self._bytes_done + sum(p.bytes_sent for p, _ in self._built.values())
-
-    @property
-    def time_compute(self) -> float:
-        return self._compute_done + sum(p.time_compute for p, _ in self._built.values())
 
     def step(self, x: torch.Tensor, y: torch.Tensor):
         """Forward + backward of one batch; returns (mean loss, logits) on the last rank, else (None, None)."""
@@ -228,10 +230,11 @@ class PipelineMethod(Method):
         self.opt = make_sgd(self.stage.parameters(), cfg)
         self.log_rank = self.K - 1  # the last stage owns the loss and the accuracy
         self.p2p = P2P(info.rank, self.device, info.backend)  # evaluation and the model gather
+        # Time split (CUDA events on a GPU): "chunk" = the schedule's forward/backward compute,
+        # "optim" = clipping and the optimizer step, "step" = the whole step; wait = step - both.
+        self.clock = Clock(self.device)
         self.runner = PipelineRunner(self.stage, self.k, self.K, self.device, cfg.dist.microbatches,
-                                     cfg.dist.pipeline_schedule, self.amp)
-        self.time_step = 0.0
-        self.time_optim = 0.0
+                                     cfg.dist.pipeline_schedule, self.amp, self.clock)
 
     @classmethod
     def check_layout(cls, cfg, info):
@@ -253,6 +256,7 @@ class PipelineMethod(Method):
                                     K, "--method pipeline")
         if problem:
             raise ConfigError(problem)
+        check_transport(info.backend, info.device, "--method pipeline")
         _pipelining()
 
     def stage_name(self, rank: int) -> str:
@@ -284,7 +288,10 @@ class PipelineMethod(Method):
         self.opt.step()
 
     def train_step(self, batch, phase, next_idx=None):
-        t0 = time.perf_counter()
+        with self.clock.section("step"):
+            return self._step(batch)
+
+    def _step(self, batch):
         b = batch.y.numel()
         self.stage.train()
         self.opt.zero_grad(set_to_none=True)
@@ -295,11 +302,9 @@ class PipelineMethod(Method):
         overflow = self.amp.unscale_(self.opt)  # fp16: this rank's overflow flag (else None)
         ok = self.guard_wait(self.guard_post(loss, overflow=overflow))  # every rank, before any update
         if ok:
-            t1 = time.perf_counter()
-            self.clip_and_step()
-            self.time_optim += time.perf_counter() - t1
+            with self.clock.section("optim"):
+                self.clip_and_step()
         self.amp.update(skipped=not ok)
-        self.time_step += time.perf_counter() - t0
         if not ok:  # --on-nan skip: the step is dropped and counts no samples
             return StepOut(torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long,
                                                                              device=self.device), 0)
@@ -320,9 +325,10 @@ class PipelineMethod(Method):
     def _times(self) -> list[list[float]]:
         K, k = self.K, self.k
         t = torch.zeros(4, K, dtype=torch.float64, device=self.device)
-        compute = self.runner.time_compute + self.time_optim
+        c = self.clock.totals()
+        compute, step = c.get("chunk", 0.0) + c.get("optim", 0.0), c.get("step", 0.0)
         t[0, k], t[1, k] = compute, 0.0
-        t[2, k], t[3, k] = max(self.time_step - compute, 0.0), self.time_step
+        t[2, k], t[3, k] = max(step - compute, 0.0), step
         all_reduce_(self.info, t)
         return t.tolist()
 
@@ -358,8 +364,7 @@ class PipelineMethod(Method):
         return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(),
                 "skipped_steps": self.skipped_steps, "amp": self.amp.state_dict(),
                 "counters": {"bytes_sent": r.bytes_sent, "bytes_sent_eval": self.p2p.bytes_sent_eval,
-                             "time_compute": r.time_compute, "time_optim": self.time_optim,
-                             "time_step": self.time_step}}
+                             **self.clock.state_dict()}}
 
     def load_state_dict(self, state):
         self.stage.load_state_dict(state["stage"])
@@ -367,9 +372,9 @@ class PipelineMethod(Method):
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.amp.load_state_dict(state.get("amp"))
         c = state.get("counters") or {}
-        self.runner.reset_counters(int(c.get("bytes_sent", 0)), float(c.get("time_compute", 0.0)))
+        self.runner.reset_counters(int(c.get("bytes_sent", 0)))
+        self.clock.load_state_dict(c)
         self.p2p.bytes_sent_eval = int(c.get("bytes_sent_eval", 0))
-        self.time_optim, self.time_step = float(c.get("time_optim", 0.0)), float(c.get("time_step", 0.0))
 
 
 # ---------------------------------------------------------------------------- SPH serial phase
@@ -395,21 +400,21 @@ class PipelineSerialExecutor:
                                     method.K, "--serial-executor pipeline")
         if problem:
             raise ConfigError(problem)
+        check_transport(method.info.backend, method.device, "--serial-executor pipeline")
         _pipelining()
+        # chunk compute goes to the method's clock as "chunk", the schedule's whole run as "pipe"
+        # (the method's epoch metrics count chunk as compute and pipe - chunk as waiting)
         self.runner = PipelineRunner(method.stage, method.k, method.K, method.device, cfg.dist.microbatches,
-                                     cfg.dist.pipeline_schedule, method.amp)
+                                     cfg.dist.pipeline_schedule, method.amp, method.clock)
 
     def train_step(self, batch) -> StepOut:
         m, k, K = self.m, self.m.k, self.m.K
         b = batch.y.numel()
         m.stage.train()
         m.opt.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        bytes0, compute0 = self.runner.bytes_sent, self.runner.time_compute
-        loss, logits = self.runner.step(batch.x, batch.y)
-        compute = self.runner.time_compute - compute0
-        m.clock.add("compute", compute)
-        m.clock.add("wait", max(time.perf_counter() - t0 - compute, 0.0))
+        bytes0 = self.runner.bytes_sent
+        with m.clock.section("pipe"):
+            loss, logits = self.runner.step(batch.x, batch.y)
         m.p2p.bytes_sent += self.runner.bytes_sent - bytes0
         if k < K - 1:
             loss = torch.zeros((), device=m.device)
