@@ -8,7 +8,9 @@ Two ways to get N processes:
   with that environment set (gloo on CPU), waits for them, and if one fails stops the others
   at once, so a crashed or misconfigured rank never leaves its peers hanging in a collective.
 
-Backend: nccl when the device is CUDA, gloo otherwise (``dist.backend`` may force one).
+Backend: nccl when the device is CUDA, gloo otherwise (``dist.backend`` may force one). It is
+decided before the device: nccl needs one GPU per local rank (too few GPUs stops with both
+counts), gloo may put several ranks on one GPU.
 """
 
 from __future__ import annotations
@@ -66,11 +68,51 @@ def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def pick_device(kind: str, local_rank: int) -> torch.device:
-    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+def resolve_backend(device: str, backend: str) -> str:
+    """The process-group backend for ``--device``/``--backend`` (before any device is touched).
+
+    auto: nccl when the run will use CUDA (``--device cuda``, or auto with a visible GPU), gloo
+    otherwise. nccl needs CUDA: asking for it without a GPU, or together with ``--device cpu``,
+    stops here with the fix, before any rank joins a collective."""
+    if backend == "auto":
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        return "nccl" if cuda else "gloo"
+    if backend == "nccl":
+        if device == "cpu":
+            raise DistributedError("dist.backend = nccl needs CUDA devices but dist.device = cpu; "
+                                   "use --backend gloo on the CPU (or --device cuda)")
         if not torch.cuda.is_available():
-            raise DistributedError("dist.device = cuda but torch sees no CUDA device; use --device cpu")
+            raise DistributedError("dist.backend = nccl needs CUDA devices but torch sees no GPU; "
+                                   "use --backend gloo on the CPU")
+    return backend
+
+
+def pick_device(kind: str, local_rank: int, backend: str = "none",
+                local_world_size: int | None = None) -> torch.device:
+    """This rank's device. On CUDA, local rank r gets GPU r.
+
+    nccl needs one GPU per local rank: more local ranks than visible GPUs stops with both
+    counts (nccl cannot put two ranks on one GPU). gloo (and a single process) may share GPUs on
+    purpose, rank r on GPU r % n: several ranks per GPU for development."""
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()) or backend == "nccl":
+        if kind == "cpu":
+            raise DistributedError("dist.backend = nccl needs CUDA devices but dist.device = cpu; "
+                                   "use --backend gloo on the CPU (or --device cuda)")
+        if not torch.cuda.is_available():
+            fix = "use --backend gloo on the CPU" if backend == "nccl" else "use --device cpu"
+            raise DistributedError(f"dist.device = cuda but torch sees no CUDA device; {fix}")
         n = torch.cuda.device_count()
+        local_world = local_rank + 1 if local_world_size is None else local_world_size
+        if backend == "nccl" and (local_rank >= n or local_world > n):
+            err = DistributedError(
+                f"{max(local_world, local_rank + 1)} local ranks but only {n} visible GPU(s); nccl needs "
+                "one GPU per process: start at most one process per GPU on each node (e.g. "
+                f"--nproc {n} or torchrun --nproc_per_node={n}), or pass --backend gloo to let "
+                "several ranks share a GPU (development only)")
+            # Every rank sees the too-small GPU count when the layout itself is too big (rank 0
+            # reports); a lone rank with a stray LOCAL_RANK speaks for itself.
+            err.same_on_every_rank = local_world > n
+            raise err
         dev = torch.device("cuda", local_rank % n)
         torch.cuda.set_device(dev)
         return dev
@@ -87,17 +129,17 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
          threads: int = 0) -> DistInfo:
     """Join the process group described by the environment (or stay single-process)."""
     rank, world, local_rank, local_world = env_layout()
-    dev = pick_device(device, local_rank)
+    launched = under_launcher()
+    # The backend first: whether ranks may share a GPU (gloo) or need one each (nccl) decides
+    # how the device is picked. A single process has no group ('none').
+    backend = resolve_backend(device, backend) if launched else "none"
+    dev = pick_device(device, local_rank, backend, local_world if launched else 1)
     if threads > 0:
         torch.set_num_threads(threads)
-    elif under_launcher():
+    elif launched:
         torch.set_num_threads(default_threads(local_world))
-    if not under_launcher():
+    if not launched:
         return DistInfo(0, 1, 0, 1, dev, "none")
-    if backend == "auto":
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-    if backend == "nccl" and dev.type != "cuda":
-        raise DistributedError("dist.backend = nccl needs CUDA devices; use --backend gloo on CPU")
     if not tdist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         # The rendezvous store outlives a torchrun restart (the agent keeps it), so the previous
