@@ -15,7 +15,10 @@ counts), gloo may put several ranks on one GPU.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
+import logging
 import os
 import signal
 import socket
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -128,6 +132,7 @@ def default_threads(local_world_size: int) -> int:
 def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
          threads: int = 0) -> DistInfo:
     """Join the process group described by the environment (or stay single-process)."""
+    global _joined_group
     rank, world, local_rank, local_world = env_layout()
     launched = under_launcher()
     # The backend first: whether ranks may share a GPU (gloo) or need one each (nccl) decides
@@ -153,17 +158,78 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
             store=tdist.PrefixStore(f"auxpar/attempt{attempt}", store),
             device_id=dev if dev.type == "cuda" else None,
         )
+        _joined_group = True
     return DistInfo(rank, world, local_rank, local_world, dev, backend)
 
 
+_drains: list[Callable[[], None]] = []
+_joined_group = False  # this process called init_process_group through init()
+_exit_armed = False
+
+
+def register_drain(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a clean :func:`shutdown` before the final barrier: a method waits there for
+    the point-to-point sends it still holds (and drops its Work objects), so that nothing of
+    the process group is referenced when it is destroyed. Hooks run once, last registered first."""
+    _drains.append(fn)
+
+
+def _drain() -> None:
+    while _drains:
+        _drains.pop()()
+    # Work objects caught in reference cycles (a method's dicts of posted messages) would
+    # otherwise live until interpreter teardown, and with them gloo's context and threads.
+    gc.collect()
+
+
 def shutdown(info: DistInfo, clean: bool = True) -> None:
-    """Leave the process group. On a clean exit all ranks meet at a barrier first: tearing
-    down gloo while a peer is still finishing (rank 0 writing summary.json) made a rank abort
-    with "terminate called without an active exception" (seen ~1 in 6 runs at 4 ranks)."""
+    """Leave the process group.
+
+    Clean exit: pending sends are drained (:func:`register_drain`), all ranks meet at a barrier
+    (tearing down gloo while a peer is still finishing, e.g. the log rank writing summary.json,
+    made a rank abort), then the group is destroyed.
+
+    ``destroy_process_group`` is not the end of gloo, though: in a real run the gloo worker and
+    transport threads and, on rank 0, the TCPStore server thread are still alive after it
+    (measured through /proc/self/task: ``pt_gloo_runloop``, ``gloo_tcp_loop``,
+    ``pt_tcpstore_uv``), because C++ objects still reference the group (a live Work keeps the
+    gloo context, its device loop and the store alive; a bare script that drops every Work sees
+    them all stop). They then die during interpreter teardown and C++ static destruction, racing
+    with the peers that exit at the same moment: "terminate called without an active
+    exception" and SIGABRT on a run that had finished and written summary.json. So after a
+    clean shutdown of a group this process joined, the interpreter's teardown is skipped: at
+    exit, stdout, stderr and the log handlers are flushed and the process ends with
+    ``os._exit(0)`` (every file of the run is already written atomically and closed; Python
+    code after shutdown still runs normally). Not after an error: that exit keeps its status.
+    """
+    global _exit_armed
     if info.distributed and tdist.is_initialized():
         if clean:
+            _drain()
             barrier(info)
+        else:
+            _drains.clear()
         tdist.destroy_process_group()
+        if clean and _joined_group and not _exit_armed:
+            _exit_armed = True
+            atexit.register(_exit_without_teardown)  # registered last: runs first at exit
+
+
+def _exit_without_teardown() -> None:
+    """atexit hook armed by a clean :func:`shutdown`: flush and end the process at once."""
+    if getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None:
+        return  # an uncaught exception after the shutdown: keep Python's exit status
+    for h in list(logging.getLogger().handlers) + list(logging.getLogger("auxpar").handlers):
+        try:
+            h.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not turn a clean exit into an error
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(0)
 
 
 def is_comm_failure(exc: BaseException) -> bool:

@@ -1,0 +1,72 @@
+"""A finished distributed run always exits 0.
+
+After ``done: ... wrote summary.json`` a rank sometimes aborted during process teardown
+("terminate called without an active exception", SIGABRT): gloo's threads and rank 0's TCPStore
+server outlive ``destroy_process_group`` and died racing with the peers' exit (see
+``auxpar.distributed.shutdown``). Here many short K=2 penalty/AL runs must all end with every
+rank's exit code 0 and a summary.json.
+
+The ranks are started directly with torchrun's environment (RANK, WORLD_SIZE, ...), two runs at
+a time: each rank's own exit code is checked, and no third interpreter per run (``--nproc``'s
+launcher) spends the CPU. The work per run is as small as the CLI allows (digits, one epoch,
+batch 128: 11 steps), so the time is mostly interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import ROOT, cli_env
+
+RUNS = 30
+AT_ONCE = 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_run(i: int, base) -> tuple[int, list[int], bool, str]:
+    method = "al" if i % 2 == 0 else "penalty"
+    out = base / f"run{i:02d}"
+    argv = [sys.executable, "-m", "auxpar", "train", "--method", method, "--stages", "2",
+            "--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--progress", "off",
+            "--threads", "1", "--timeout", "60", "--out", str(out)]
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = cli_env()
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    codes, logs = [], []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            text, _ = p.communicate()
+        codes.append(p.returncode)
+        logs.append(text)
+    ok = (out / "summary.json").is_file() and json.loads((out / "summary.json").read_text())["world_size"] == 2
+    return i, codes, ok, "\n".join(f"--- rank {r}:\n{t[-1500:]}" for r, t in enumerate(logs))
+
+
+@pytest.mark.slow
+def test_finished_runs_always_exit_zero(tmp_path):
+    with ThreadPoolExecutor(max_workers=AT_ONCE) as pool:
+        results = list(pool.map(lambda i: _one_run(i, tmp_path), range(RUNS)))
+    bad = [(i, codes, ok, log) for i, codes, ok, log in results if codes != [0, 0] or not ok]
+    assert not bad, (f"{len(bad)} of {RUNS} runs did not exit cleanly: "
+                     + "; ".join(f"run {i} exit codes {codes}, summary {'ok' if ok else 'missing'}"
+                                 for i, codes, ok, _ in bad)
+                     + "\n" + bad[0][3])
