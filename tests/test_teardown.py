@@ -70,3 +70,51 @@ def test_finished_runs_always_exit_zero(tmp_path):
                      + "; ".join(f"run {i} exit codes {codes}, summary {'ok' if ok else 'missing'}"
                                  for i, codes, ok, _ in bad)
                      + "\n" + bad[0][3])
+
+
+# --------------------------------------------------------------------------- the shutdown logic itself (fast)
+
+@pytest.fixture
+def fake_group(monkeypatch):
+    from auxpar import distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist.tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.tdist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist.tdist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    monkeypatch.setattr(dist.atexit, "register", lambda fn: calls.append(("atexit", fn.__name__)))
+    monkeypatch.setattr(dist, "_drains", [])
+    monkeypatch.setattr(dist, "_exit_armed", False)
+    monkeypatch.setattr(dist, "_joined_group", True)
+    return dist, calls
+
+
+def test_clean_shutdown_drains_then_meets_then_destroys_and_arms_the_exit(fake_group):
+    dist, calls = fake_group
+    dist.register_drain(lambda: calls.append("drain a"))
+    dist.register_drain(lambda: calls.append("drain b"))
+    dist.shutdown(dist.DistInfo(0, 2, 0, 2, backend="gloo"), clean=True)
+    assert calls == ["drain b", "drain a", "barrier", "destroy", ("atexit", "_exit_without_teardown")]
+    assert dist._drains == []
+
+
+def test_shutdown_after_an_error_neither_waits_nor_skips_teardown(fake_group):
+    dist, calls = fake_group
+    dist.register_drain(lambda: calls.append("drain"))
+    dist.shutdown(dist.DistInfo(0, 2, 0, 2, backend="gloo"), clean=False)
+    assert calls == ["destroy"] and dist._drains == []
+
+
+def test_no_exit_hook_for_a_group_this_module_did_not_create(fake_group, monkeypatch):
+    dist, calls = fake_group
+    monkeypatch.setattr(dist, "_joined_group", False)
+    dist.shutdown(dist.DistInfo(0, 2, 0, 2, backend="gloo"), clean=True)
+    assert calls == ["barrier", "destroy"]
+
+
+def test_exit_hook_keeps_the_status_of_an_uncaught_error(monkeypatch):
+    from auxpar import distributed as dist
+
+    monkeypatch.setattr(dist.sys, "last_value", RuntimeError("boom"), raising=False)
+    monkeypatch.setattr(dist.os, "_exit", lambda code: pytest.fail("exited"))
+    dist._exit_without_teardown()  # returns: Python's own exit path reports the error
