@@ -146,6 +146,7 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
     if not launched:
         return DistInfo(0, 1, 0, 1, dev, "none")
     if not tdist.is_initialized():
+        _bind_defaults_before_the_group()
         timeout = datetime.timedelta(seconds=timeout_s)
         # The rendezvous store outlives a torchrun restart (the agent keeps it), so the previous
         # attempt's keys (e.g. gloo peer addresses of dead workers) are still there; a restarted
@@ -160,6 +161,20 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
         )
         _joined_group = True
     return DistInfo(rank, world, local_rank, local_world, dev, backend)
+
+
+def _bind_defaults_before_the_group() -> None:
+    """Import the torch modules whose functions take ``group=group.WORLD`` as a *default
+    argument* before the group exists (the default is then None, "the default group").
+
+    ``torch.distributed.nn.functional`` is such a module, and it is imported lazily: the first
+    ``torch.optim`` optimizer imports ``torch._dynamo``, which imports it. Imported after
+    ``init_process_group``, its ten collectives keep the world ProcessGroup in their
+    ``__defaults__`` for the life of the process, so ``destroy_process_group`` frees nothing:
+    gloo's worker and transport threads and rank 0's TCPStore server stay alive until
+    interpreter teardown and C++ static destruction, racing with the peers' exit
+    ("terminate called without an active exception", SIGABRT, after a finished run)."""
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 _drains: list[Callable[[], None]] = []
@@ -182,6 +197,29 @@ def _drain() -> None:
     gc.collect()
 
 
+_GROUP_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop", "pt_tcpstore_uv")
+"""Thread names of a gloo process group (worker loops, transport loop) and of rank 0's TCPStore
+server, as Linux shows them in /proc/self/task/*/comm."""
+
+
+def group_threads_alive() -> list[str]:
+    """Names of this process's gloo / TCPStore threads still running ([] where /proc is absent)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/comm", encoding="utf-8") as fh:
+                name = fh.read().strip()
+        except OSError:
+            continue
+        if name in _GROUP_THREADS:
+            names.append(name)
+    return sorted(names)
+
+
 def shutdown(info: DistInfo, clean: bool = True) -> None:
     """Leave the process group.
 
@@ -189,18 +227,18 @@ def shutdown(info: DistInfo, clean: bool = True) -> None:
     (tearing down gloo while a peer is still finishing, e.g. the log rank writing summary.json,
     made a rank abort), then the group is destroyed.
 
-    ``destroy_process_group`` is not the end of gloo, though: in a real run the gloo worker and
-    transport threads and, on rank 0, the TCPStore server thread are still alive after it
-    (measured through /proc/self/task: ``pt_gloo_runloop``, ``gloo_tcp_loop``,
-    ``pt_tcpstore_uv``), because C++ objects still reference the group (a live Work keeps the
-    gloo context, its device loop and the store alive; a bare script that drops every Work sees
-    them all stop). They then die during interpreter teardown and C++ static destruction, racing
-    with the peers that exit at the same moment: "terminate called without an active
-    exception" and SIGABRT on a run that had finished and written summary.json. So after a
-    clean shutdown of a group this process joined, the interpreter's teardown is skipped: at
-    exit, stdout, stderr and the log handlers are flushed and the process ends with
-    ``os._exit(0)`` (every file of the run is already written atomically and closed; Python
-    code after shutdown still runs normally). Not after an error: that exit keeps its status.
+    ``destroy_process_group`` only drops the Python registry's references. While anything else
+    still references the group (a Work object, a function default, a DDP reducer), gloo's
+    worker and transport threads and, on rank 0, the TCPStore server thread stay alive; they
+    then die during interpreter teardown and C++ static destruction, racing with the peers that
+    exit at the same moment: "terminate called without an active exception" and SIGABRT on a
+    run that had finished and written summary.json. :func:`init` removes the cause found for
+    penalty/AL (see :func:`_bind_defaults_before_the_group`), and the threads are then gone when
+    this returns. If some are still alive (measured, not assumed: /proc/self/task), the
+    interpreter's teardown is skipped instead: at exit, stdout, stderr and the log handlers are
+    flushed and the process ends with ``os._exit(0)``; every file of the run is already written
+    atomically and closed, and Python code after shutdown still runs normally. Never after an
+    error: that exit keeps its status.
     """
     global _exit_armed
     if info.distributed and tdist.is_initialized():
@@ -211,8 +249,14 @@ def shutdown(info: DistInfo, clean: bool = True) -> None:
             _drains.clear()
         tdist.destroy_process_group()
         if clean and _joined_group and not _exit_armed:
-            _exit_armed = True
-            atexit.register(_exit_without_teardown)  # registered last: runs first at exit
+            gc.collect()
+            left = group_threads_alive()
+            if left:
+                logging.getLogger("auxpar").debug(
+                    "process group threads still alive after destroy_process_group (%s): "
+                    "ending without interpreter teardown", ", ".join(left))
+                _exit_armed = True
+                atexit.register(_exit_without_teardown)  # registered last: runs first at exit
 
 
 def _exit_without_teardown() -> None:

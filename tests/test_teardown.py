@@ -86,6 +86,7 @@ def fake_group(monkeypatch):
     monkeypatch.setattr(dist, "_drains", [])
     monkeypatch.setattr(dist, "_exit_armed", False)
     monkeypatch.setattr(dist, "_joined_group", True)
+    monkeypatch.setattr(dist, "group_threads_alive", lambda: ["gloo_tcp_loop"])  # something still holds the group
     return dist, calls
 
 
@@ -96,6 +97,37 @@ def test_clean_shutdown_drains_then_meets_then_destroys_and_arms_the_exit(fake_g
     dist.shutdown(dist.DistInfo(0, 2, 0, 2, backend="gloo"), clean=True)
     assert calls == ["drain b", "drain a", "barrier", "destroy", ("atexit", "_exit_without_teardown")]
     assert dist._drains == []
+
+
+def test_no_exit_hook_when_the_group_is_really_gone(fake_group, monkeypatch):
+    dist, calls = fake_group
+    monkeypatch.setattr(dist, "group_threads_alive", lambda: [])
+    dist.shutdown(dist.DistInfo(0, 2, 0, 2, backend="gloo"), clean=True)
+    assert calls == ["barrier", "destroy"]
+
+
+def test_group_threads_alive_sees_a_live_group_and_its_end(tmp_path):
+    """A real 1-rank gloo group: its threads run while it exists and are gone after shutdown."""
+    import os
+
+    code = (
+        "import os, sys\n"
+        "from auxpar import distributed as dist\n"
+        "info = dist.init('cpu', 'gloo', 30, 1)\n"
+        "alive = dist.group_threads_alive()\n"
+        "dist.shutdown(info)\n"
+        "print(sorted(set(alive)), dist.group_threads_alive(), dist._exit_armed)\n"
+    )
+    env = cli_env()
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("no /proc: thread names cannot be read here")
+    alive, after, armed = r.stdout.strip().splitlines()[-1].split("] ")
+    assert "'gloo_tcp_loop'" in alive and "'pt_tcpstore_uv'" in alive  # rank 0 hosts the store
+    assert after == "[" and armed == "False"  # all gone: an ordinary interpreter exit
 
 
 def test_shutdown_after_an_error_neither_waits_nor_skips_teardown(fake_group):
