@@ -8,12 +8,17 @@ Two ways to get N processes:
   with that environment set (gloo on CPU), waits for them, and if one fails stops the others
   at once, so a crashed or misconfigured rank never leaves its peers hanging in a collective.
 
-Backend: nccl when the device is CUDA, gloo otherwise (``dist.backend`` may force one).
+Backend: nccl when the device is CUDA, gloo otherwise (``dist.backend`` may force one). It is
+decided before the device: nccl needs one GPU per local rank (too few GPUs stops with both
+counts), gloo may put several ranks on one GPU.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
+import logging
 import os
 import signal
 import socket
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -66,11 +72,51 @@ def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def pick_device(kind: str, local_rank: int) -> torch.device:
-    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+def resolve_backend(device: str, backend: str) -> str:
+    """The process-group backend for ``--device``/``--backend`` (before any device is touched).
+
+    auto: nccl when the run will use CUDA (``--device cuda``, or auto with a visible GPU), gloo
+    otherwise. nccl needs CUDA: asking for it without a GPU, or together with ``--device cpu``,
+    stops here with the fix, before any rank joins a collective."""
+    if backend == "auto":
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        return "nccl" if cuda else "gloo"
+    if backend == "nccl":
+        if device == "cpu":
+            raise DistributedError("dist.backend = nccl needs CUDA devices but dist.device = cpu; "
+                                   "use --backend gloo on the CPU (or --device cuda)")
         if not torch.cuda.is_available():
-            raise DistributedError("dist.device = cuda but torch sees no CUDA device; use --device cpu")
+            raise DistributedError("dist.backend = nccl needs CUDA devices but torch sees no GPU; "
+                                   "use --backend gloo on the CPU")
+    return backend
+
+
+def pick_device(kind: str, local_rank: int, backend: str = "none",
+                local_world_size: int | None = None) -> torch.device:
+    """This rank's device. On CUDA, local rank r gets GPU r.
+
+    nccl needs one GPU per local rank: more local ranks than visible GPUs stops with both
+    counts (nccl cannot put two ranks on one GPU). gloo (and a single process) may share GPUs on
+    purpose, rank r on GPU r % n: several ranks per GPU for development."""
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()) or backend == "nccl":
+        if kind == "cpu":
+            raise DistributedError("dist.backend = nccl needs CUDA devices but dist.device = cpu; "
+                                   "use --backend gloo on the CPU (or --device cuda)")
+        if not torch.cuda.is_available():
+            fix = "use --backend gloo on the CPU" if backend == "nccl" else "use --device cpu"
+            raise DistributedError(f"dist.device = cuda but torch sees no CUDA device; {fix}")
         n = torch.cuda.device_count()
+        local_world = local_rank + 1 if local_world_size is None else local_world_size
+        if backend == "nccl" and (local_rank >= n or local_world > n):
+            err = DistributedError(
+                f"{max(local_world, local_rank + 1)} local ranks but only {n} visible GPU(s); nccl needs "
+                "one GPU per process: start at most one process per GPU on each node (e.g. "
+                f"--nproc {n} or torchrun --nproc_per_node={n}), or pass --backend gloo to let "
+                "several ranks share a GPU (development only)")
+            # Every rank sees the too-small GPU count when the layout itself is too big (rank 0
+            # reports); a lone rank with a stray LOCAL_RANK speaks for itself.
+            err.same_on_every_rank = local_world > n
+            raise err
         dev = torch.device("cuda", local_rank % n)
         torch.cuda.set_device(dev)
         return dev
@@ -86,19 +132,21 @@ def default_threads(local_world_size: int) -> int:
 def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
          threads: int = 0) -> DistInfo:
     """Join the process group described by the environment (or stay single-process)."""
+    global _joined_group
     rank, world, local_rank, local_world = env_layout()
-    dev = pick_device(device, local_rank)
+    launched = under_launcher()
+    # The backend first: whether ranks may share a GPU (gloo) or need one each (nccl) decides
+    # how the device is picked. A single process has no group ('none').
+    backend = resolve_backend(device, backend) if launched else "none"
+    dev = pick_device(device, local_rank, backend, local_world if launched else 1)
     if threads > 0:
         torch.set_num_threads(threads)
-    elif under_launcher():
+    elif launched:
         torch.set_num_threads(default_threads(local_world))
-    if not under_launcher():
+    if not launched:
         return DistInfo(0, 1, 0, 1, dev, "none")
-    if backend == "auto":
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-    if backend == "nccl" and dev.type != "cuda":
-        raise DistributedError("dist.backend = nccl needs CUDA devices; use --backend gloo on CPU")
     if not tdist.is_initialized():
+        _bind_defaults_before_the_group()
         timeout = datetime.timedelta(seconds=timeout_s)
         # The rendezvous store outlives a torchrun restart (the agent keeps it), so the previous
         # attempt's keys (e.g. gloo peer addresses of dead workers) are still there; a restarted
@@ -111,17 +159,121 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
             store=tdist.PrefixStore(f"auxpar/attempt{attempt}", store),
             device_id=dev if dev.type == "cuda" else None,
         )
+        _joined_group = True
     return DistInfo(rank, world, local_rank, local_world, dev, backend)
 
 
+def _bind_defaults_before_the_group() -> None:
+    """Import the torch modules whose functions take ``group=group.WORLD`` as a *default
+    argument* before the group exists (the default is then None, "the default group").
+
+    ``torch.distributed.nn.functional`` is such a module, and it is imported lazily: the first
+    ``torch.optim`` optimizer imports ``torch._dynamo``, which imports it. Imported after
+    ``init_process_group``, its ten collectives keep the world ProcessGroup in their
+    ``__defaults__`` for the life of the process, so ``destroy_process_group`` frees nothing:
+    gloo's worker and transport threads and rank 0's TCPStore server stay alive until
+    interpreter teardown and C++ static destruction, racing with the peers' exit
+    ("terminate called without an active exception", SIGABRT, after a finished run)."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+
+_drains: list[Callable[[], None]] = []
+_joined_group = False  # this process called init_process_group through init()
+_exit_armed = False
+
+
+def register_drain(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a clean :func:`shutdown` before the final barrier: a method waits there for
+    the point-to-point sends it still holds (and drops its Work objects), so that nothing of
+    the process group is referenced when it is destroyed. Hooks run once, last registered first."""
+    _drains.append(fn)
+
+
+def _drain() -> None:
+    while _drains:
+        _drains.pop()()
+    # Work objects caught in reference cycles (a method's dicts of posted messages) would
+    # otherwise live until interpreter teardown, and with them gloo's context and threads.
+    gc.collect()
+
+
+_GROUP_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop", "pt_tcpstore_uv")
+"""Thread names of a gloo process group (worker loops, transport loop) and of rank 0's TCPStore
+server, as Linux shows them in /proc/self/task/*/comm."""
+
+
+def group_threads_alive() -> list[str]:
+    """Names of this process's gloo / TCPStore threads still running ([] where /proc is absent)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/comm", encoding="utf-8") as fh:
+                name = fh.read().strip()
+        except OSError:
+            continue
+        if name in _GROUP_THREADS:
+            names.append(name)
+    return sorted(names)
+
+
 def shutdown(info: DistInfo, clean: bool = True) -> None:
-    """Leave the process group. On a clean exit all ranks meet at a barrier first: tearing
-    down gloo while a peer is still finishing (rank 0 writing summary.json) made a rank abort
-    with "terminate called without an active exception" (seen ~1 in 6 runs at 4 ranks)."""
+    """Leave the process group.
+
+    Clean exit: pending sends are drained (:func:`register_drain`), all ranks meet at a barrier
+    (tearing down gloo while a peer is still finishing, e.g. the log rank writing summary.json,
+    made a rank abort), then the group is destroyed.
+
+    ``destroy_process_group`` only drops the Python registry's references. While anything else
+    still references the group (a Work object, a function default, a DDP reducer), gloo's
+    worker and transport threads and, on rank 0, the TCPStore server thread stay alive; they
+    then die during interpreter teardown and C++ static destruction, racing with the peers that
+    exit at the same moment: "terminate called without an active exception" and SIGABRT on a
+    run that had finished and written summary.json. :func:`init` removes the cause found for
+    penalty/AL (see :func:`_bind_defaults_before_the_group`), and the threads are then gone when
+    this returns. If some are still alive (measured, not assumed: /proc/self/task), the
+    interpreter's teardown is skipped instead: at exit, stdout, stderr and the log handlers are
+    flushed and the process ends with ``os._exit(0)``; every file of the run is already written
+    atomically and closed, and Python code after shutdown still runs normally. Never after an
+    error: that exit keeps its status.
+    """
+    global _exit_armed
     if info.distributed and tdist.is_initialized():
         if clean:
+            _drain()
             barrier(info)
+        else:
+            _drains.clear()
         tdist.destroy_process_group()
+        if clean and _joined_group and not _exit_armed:
+            gc.collect()
+            left = group_threads_alive()
+            if left:
+                logging.getLogger("auxpar").debug(
+                    "process group threads still alive after destroy_process_group (%s): "
+                    "ending without interpreter teardown", ", ".join(left))
+                _exit_armed = True
+                atexit.register(_exit_without_teardown)  # registered last: runs first at exit
+
+
+def _exit_without_teardown() -> None:
+    """atexit hook armed by a clean :func:`shutdown`: flush and end the process at once."""
+    if getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None:
+        return  # an uncaught exception after the shutdown: keep Python's exit status
+    for h in list(logging.getLogger().handlers) + list(logging.getLogger("auxpar").handlers):
+        try:
+            h.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not turn a clean exit into an error
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(0)
 
 
 def is_comm_failure(exc: BaseException) -> bool:

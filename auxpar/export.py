@@ -33,7 +33,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, the file's metadata) from an auxpar model file."""
     from auxpar.models import build_model
 
-    obj = checkpoint.load_tensors(path, map_location=device)
+    # Read on the CPU, then move the built model: the file may come from any device.
+    obj = checkpoint.load_tensors(path, map_location="cpu")
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT or "state_dict" not in obj:
         raise ConfigError(f"{path} is not an auxpar model file (no '{MODEL_FORMAT}' header); "
                           "make one with `auxpar export RUN_DIR` or use RUN/model.pt")

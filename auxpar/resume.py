@@ -115,13 +115,17 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(st: dict, device: torch.device) -> None:
-    torch.set_rng_state(st["torch"])
+    """Restore :func:`rng_state`. The generator states must be CPU ByteTensors (``.cpu()`` is a
+    no-op for a checkpoint loaded with map_location="cpu", as :func:`load_rank_state` does).
+    The CUDA generator of ``device`` is restored when the checkpoint has it (written on CUDA)."""
+    torch.set_rng_state(st["torch"].cpu())
     n = st["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    np.random.set_state(("MT19937", n["key"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
     p = st["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
+        torch.cuda.set_rng_state(st["cuda"].cpu(), device)
 
 
 # --------------------------------------------------------------------------- finding a checkpoint
@@ -215,7 +219,11 @@ def load_rank_state(res: Resume, info: DistInfo) -> dict:
             f"checkpoint file {f} does not match its manifest (SHA-256 {digest[:12]}... vs "
             f"{str(meta.get('sha256'))[:12]}...): it is corrupt or was replaced. Resume from an older "
             "checkpoint (--resume RUN/checkpoints/step-N) or start over with --overwrite")
-    state = checkpoint.load_tensors(f, map_location=info.device)
+    # Always to the CPU first: the RNG states must stay CPU ByteTensors (torch.set_rng_state and
+    # torch.cuda.set_rng_state reject anything else), and the method's load_state_dict copies or
+    # moves the rest onto its device itself (module/optimizer load_state_dict, AuxStore.copy_,
+    # .to(device) for the accumulators).
+    state = checkpoint.load_tensors(f, map_location="cpu")
     if not isinstance(state, dict) or state.get("rank") != info.rank or "method" not in state:
         raise ConfigError(f"checkpoint file {f} is not an auxpar rank-{info.rank} checkpoint")
     return state

@@ -73,10 +73,12 @@ def make_augment(cfg: Config) -> Augment | None:
 
 def time_balanced_split(net, cfg: Config, info: DistInfo) -> list[int]:
     """Rank 0 times every block (forward + backward, batch size, this device); all ranks get its cut."""
+    # Every tensor handed to the collective lives on info.device (a CPU tensor added to a CUDA one
+    # raises on rank 0 while the others already wait in the all-reduce: a hang under nccl).
     counts = torch.zeros(cfg.dist.stages, dtype=torch.float64, device=info.device)
     if info.rank == 0:
         costs = measure_costs(net, cfg.data.batch_size, info.device)
-        counts += torch.tensor(partition_counts(costs, cfg.dist.stages), dtype=torch.float64)
+        counts = torch.tensor(partition_counts(costs, cfg.dist.stages), dtype=torch.float64, device=info.device)
     all_reduce_(info, counts)  # the others contributed zeros: everyone now holds rank 0's cut
     split = [int(c) for c in counts.tolist()]
     if info.rank == 0:

@@ -3,8 +3,26 @@
 The store lives on the rank that reads the boundary (stage k owns boundary k, its input).
 Rows are keyed by the dataset's sample ids, so row i is sample i in every epoch, whatever the
 shuffle. States are kept at the DS resolution in the storage dtype (fp32, bf16 or fp16), on the
-training device or in host memory (pinned when training on CUDA, so gathers and scatters can
-be asynchronous copies). Arithmetic always happens in fp32 on the training device.
+training device or in host memory (pinned when training on CUDA). Arithmetic always happens
+in fp32 on the training device.
+
+Host placement on CUDA, and why each copy is safe:
+
+* device -> host (``put_z``/``put_mu``) is a *synchronous* copy. A ``non_blocking=True`` copy
+  to the CPU returns a tensor whose bytes land later, when the stream reaches the copy; the
+  ``index_copy_`` into the store that follows runs on the host at once and would read
+  whatever was there before (stale or uninitialised rows, silently). The synchronous copy
+  waits for the producing kernels and for the transfer, so the host rows are final when they
+  are scattered.
+* host -> device (``get_z``/``get_mu``) may stay ``non_blocking``: the gathered rows are an
+  ordinary (pageable) host tensor, and CUDA copies a pageable source into its own staging
+  buffer before the call returns, so the source may be freed or reused immediately; the
+  device result is ordered on the current stream before any kernel that reads it.
+* Nothing reads the store between a put and the next get except on the host, after the
+  synchronous put has finished.
+
+On the CPU (or with device placement) every copy is a no-op or a plain cast: same work as
+before.
 """
 
 from __future__ import annotations
@@ -47,12 +65,17 @@ class AuxStore:
             return None
         return self.mu.index_select(0, self._rows(idx)).to(self.device, torch.float32, non_blocking=True)
 
+    def _to_store(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` in the store's dtype on the store's device, *complete* when this returns:
+        a device->host copy is synchronous (see the module docstring); same device: a cast."""
+        return values.to(self.store_device, self.dtype)
+
     def put_z(self, idx: torch.Tensor, values: torch.Tensor) -> None:
-        self.z.index_copy_(0, self._rows(idx), values.to(self.store_device, self.dtype, non_blocking=True))
+        self.z.index_copy_(0, self._rows(idx), self._to_store(values))
 
     def put_mu(self, idx: torch.Tensor, values: torch.Tensor) -> None:
         if self.mu is not None:
-            self.mu.index_copy_(0, self._rows(idx), values.to(self.store_device, self.dtype, non_blocking=True))
+            self.mu.index_copy_(0, self._rows(idx), self._to_store(values))
 
     def reset_mu(self) -> None:
         if self.mu is not None:
