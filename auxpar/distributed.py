@@ -107,7 +107,12 @@ def pick_device(kind: str, local_rank: int, backend: str = "none",
             raise DistributedError(f"dist.device = cuda but torch sees no CUDA device; {fix}")
         n = torch.cuda.device_count()
         local_world = local_rank + 1 if local_world_size is None else local_world_size
-        if backend == "nccl" and (local_rank >= n or local_world > n):
+        # A launcher that binds one GPU to each process (CUDA_VISIBLE_DEVICES with one entry per
+        # process, as SLURM's --gpus-per-task does) shows every rank one GPU, its own: that is
+        # not sharing; init() then checks the physical GPUs (their UUIDs) across local ranks.
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        bound = n == 1 and len(visible) == 1
+        if backend == "nccl" and not bound and (local_rank >= n or local_world > n):
             err = DistributedError(
                 f"{max(local_world, local_rank + 1)} local ranks but only {n} visible GPU(s); nccl needs "
                 "one GPU per process: start at most one process per GPU on each node (e.g. "
@@ -160,7 +165,33 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
             device_id=dev if dev.type == "cuda" else None,
         )
         _joined_group = True
+        if backend == "nccl":
+            check_one_rank_per_gpu(tdist.PrefixStore(f"auxpar/attempt{attempt}/gpus", store), dev,
+                                   local_rank, local_world)
     return DistInfo(rank, world, local_rank, local_world, dev, backend)
+
+
+def check_one_rank_per_gpu(store, dev: torch.device, local_rank: int, local_world: int) -> None:
+    """nccl cannot put two ranks on one GPU: each local rank publishes its GPU's UUID (under its
+    host name) in the rendezvous store and reads its node's others; a shared GPU stops every
+    rank of the node with both counts, before NCCL's own duplicate-GPU error."""
+    host = socket.gethostname()
+    try:
+        uuid = str(torch.cuda.get_device_properties(dev).uuid)
+    except Exception:  # noqa: BLE001 - no UUID to compare: the count check in pick_device stands
+        return
+    store.set(f"{host}/{local_rank}", uuid)
+    gpus = [store.get(f"{host}/{r}").decode() for r in range(local_world)]
+    distinct = len(set(gpus))
+    if distinct < local_world:
+        shared = sorted(r for r in range(local_world) if gpus.count(gpus[r]) > 1)
+        err = DistributedError(
+            f"{local_world} local ranks but only {distinct} distinct GPU(s) on {host} (local ranks "
+            f"{shared} share one); nccl needs one GPU per process: start at most {distinct} processes "
+            f"per node (--nproc {distinct} or torchrun --nproc_per_node={distinct}), or pass --backend "
+            "gloo to let several ranks share a GPU (development only)")
+        err.same_on_every_rank = True
+        raise err
 
 
 def _bind_defaults_before_the_group() -> None:

@@ -170,6 +170,7 @@ def one_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # no per-process binding
     return chosen
 
 
@@ -233,3 +234,32 @@ def test_cli_nccl_on_a_cpu_machine_exits_with_the_message_not_a_hang():
     assert r.returncode != 0
     assert "nccl needs CUDA devices" in r.stderr and "--backend gloo" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_one_gpu_per_process_binding_is_not_sharing(one_gpu, monkeypatch):
+    """CUDA_VISIBLE_DEVICES with one entry per process (SLURM --gpus-per-task): every rank sees
+    one GPU, its own; pick_device lets it through and the UUID check decides."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert dist.pick_device("auto", 1, "nccl", 2) == CUDA0
+
+
+class _Props:
+    def __init__(self, uuid):
+        self.uuid = uuid
+
+
+def test_uuid_check_catches_two_ranks_on_one_gpu_and_passes_distinct_gpus(monkeypatch):
+    import socket
+
+    from torch.distributed import HashStore
+
+    host = socket.gethostname()
+    store = HashStore()
+    store.set(f"{host}/0", "GPU-aaaa")  # what local rank 0 published
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: _Props("GPU-bbbb"))
+    dist.check_one_rank_per_gpu(store, CUDA0, 1, 2)  # distinct: fine
+    store = HashStore()
+    store.set(f"{host}/0", "GPU-aaaa")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: _Props("GPU-aaaa"))
+    with pytest.raises(DistributedError, match=r"2 local ranks but only 1 distinct GPU\(s\).*--backend gloo"):
+        dist.check_one_rank_per_gpu(store, CUDA0, 1, 2)
