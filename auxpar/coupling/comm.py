@@ -41,11 +41,13 @@ blocked until its messages have arrived.
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
 import torch.distributed as tdist
 
+from auxpar.distributed import register_drain
 from auxpar.errors import DistributedError
 
 
@@ -105,6 +107,15 @@ class P2P:
         self.bytes_sent_eval = 0  # evaluation traffic (test-set forward), kept apart
         self.staged_messages = 0  # messages that went through host memory (gloo on CUDA)
         self._pending: list[Exchange] = []  # fire-and-forget sends, kept alive until complete
+        # A clean shutdown waits for them before the final barrier (nothing of the group may
+        # be referenced when it is destroyed); a weak reference, so this does not keep us alive.
+        me = weakref.ref(self)
+        register_drain(lambda: me() is not None and me().reap(block=True))
+
+    max_pending = 16
+    """Tracked exchanges kept before :meth:`reap` waits for the oldest (gloo reports a send
+    complete only once it was waited on, so without a bound an epoch's send buffers would pile
+    up; the oldest was received steps ago, so the wait returns at once)."""
 
     # ---- the primitive ----------------------------------------------------------------
     def exchange(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
@@ -187,6 +198,8 @@ class P2P:
                 ex.wait()
             else:
                 keep.append(ex)
+        while len(keep) > self.max_pending:
+            keep.pop(0).wait()
         self._pending = keep
 
     @property

@@ -32,6 +32,7 @@ def make_sgd(params, cfg) -> torch.optim.SGD:
 
 class SerialMethod(Method):
     name = "serial"
+    _payload = 0  # gradient bytes all-reduced (DDP); serial has none
 
     def __init__(self, cfg, info, net):
         super().__init__(cfg, info, net)
@@ -102,7 +103,7 @@ class SerialMethod(Method):
 
     def state_dict(self):
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
-                "skipped_steps": self.skipped_steps, "payload": getattr(self, "_payload", 0),
+                "skipped_steps": self.skipped_steps, "payload": self._payload,
                 "amp": self.amp.state_dict()}
 
     def load_state_dict(self, state):
@@ -110,8 +111,7 @@ class SerialMethod(Method):
         self.opt.load_state_dict(state["optimizer"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.amp.load_state_dict(state.get("amp"))
-        if hasattr(self, "_payload"):
-            self._payload = int(state.get("payload", 0))
+        self._payload = int(state.get("payload", 0))
 
 
 class DDPMethod(SerialMethod):
@@ -120,11 +120,22 @@ class DDPMethod(SerialMethod):
 
     def __init__(self, cfg, info, net):
         super().__init__(cfg, info, net)
-        self._payload = 0
+        # The hook's state is its own small object, not the method: a hook state that refers
+        # back to the DDP module makes a reference cycle through C++ (reducer -> state -> DDP ->
+        # reducer) that keeps the process group alive past destroy_process_group.
+        self._hook_state = _HookState()
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
-            self.model.register_comm_hook(self, _counting_allreduce_hook)
+            self.model.register_comm_hook(self._hook_state, _counting_allreduce_hook)
+
+    @property
+    def _payload(self) -> int:
+        return self._hook_state.payload
+
+    @_payload.setter
+    def _payload(self, value: int) -> None:
+        self._hook_state.payload = value
 
     @classmethod
     def check_layout(cls, cfg, info):
@@ -150,10 +161,15 @@ class DDPMethod(SerialMethod):
         return int(round(self._payload * 2 * (w - 1) / w)) if w > 1 else 0
 
 
-def _counting_allreduce_hook(method: DDPMethod, bucket):
+class _HookState:
+    payload = 0
+    """Gradient bytes handed to the all-reduce so far (this rank)."""
+
+
+def _counting_allreduce_hook(state: _HookState, bucket):
     """Average the bucket across ranks (as DDP's default hook does) and record its size."""
     buf = bucket.buffer()
-    method._payload += buf.numel() * buf.element_size()
+    state.payload += buf.numel() * buf.element_size()
     world = torch.distributed.get_world_size()
     fut = torch.distributed.all_reduce(buf.div_(world), async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
