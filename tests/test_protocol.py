@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ROOT, cli_env
-from protocol_check import MODELS, ProtocolError, check_dir, load, replay
+from protocol_check import MODELS, ProtocolError, check_dir, replay
 
 PROTO_DIR = Path(__file__).resolve().parent / "protocol"
 

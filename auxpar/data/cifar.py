@@ -25,16 +25,12 @@ prepare the data first (then a barrier) when downloading is expected.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import logging
 import os
 import pickle
-import sys
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +40,7 @@ import numpy as np
 import torch
 
 from auxpar.data.datasets import ImageDataset, channel_stats
+from auxpar.data.download import fetch
 from auxpar.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -51,7 +48,6 @@ log = logging.getLogger(__name__)
 URL_BASE_ENV = "AUXPAR_CIFAR_URL_BASE"
 CACHE_DIRNAME = "auxpar_cache"
 CACHE_FORMAT = 1
-DOWNLOAD_TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
 _MAX_MEMBER_BYTES = 1 << 30  # the largest official member (cifar-100 train) is ~155 MB
 
@@ -181,78 +177,19 @@ def _resolve_source(name: str, source: CifarSource | None) -> CifarSource:
 
 def _download(src: CifarSource, dest: Path) -> None:
     """Stream ``src.url`` to a temp file next to ``dest``, check the MD5, rename atomically."""
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(
-            f"cannot create the data directory {dest.parent} ({exc}): choose a writable data_dir"
-        ) from exc
     manual = (
         f"download {src.url} yourself and place it at {dest} (MD5 {src.md5}), "
         f"or set {URL_BASE_ENV} to a mirror"
     )
-    log.info("downloading %s to %s", src.url, dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        h = hashlib.md5(usedforsecurity=False)
-        got = 0
-        total: int | None = None
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(src.url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
-                    length = resp.headers.get("Content-Length")
-                    total = int(length) if length and length.isdigit() else None
-                    from tqdm import tqdm
 
-                    with tqdm(
-                        total=total,
-                        unit="B",
-                        unit_scale=True,
-                        unit_divisor=1024,
-                        desc=dest.name,
-                        file=sys.stderr,
-                        disable=not _stderr_is_tty(),
-                    ) as bar:
-                        while True:
-                            chunk = resp.read(_CHUNK)
-                            if not chunk:
-                                break
-                            out.write(chunk)
-                            h.update(chunk)
-                            got += len(chunk)
-                            bar.update(len(chunk))
-            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-                if isinstance(exc, urllib.error.HTTPError):
-                    reason = f"HTTP {exc.code} {exc.reason}"
-                else:
-                    reason = getattr(exc, "reason", None) or exc
-                raise DataError(
-                    f"could not download {src.title} from {src.url} ({reason}): the URL could not "
-                    f"be reached. Check the network, or {manual}"
-                ) from None
-        if total is not None and got != total:
+    def verify(tmp: Path, md5: str) -> None:
+        if md5 != src.md5:
             raise DataError(
-                f"download of {src.url} stopped after {got} of {total} bytes: rerun to retry, "
-                f"or {manual}"
-            )
-        digest = h.hexdigest()
-        if digest != src.md5:
-            raise DataError(
-                f"downloaded {src.url} but its MD5 is {digest}, not the published MD5 {src.md5}: "
+                f"downloaded {src.url} but its MD5 is {md5}, not the published MD5 {src.md5}: "
                 f"the server sent a different or incomplete file. Rerun to retry, or {manual}"
             )
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
-
-def _stderr_is_tty() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
+    fetch(src.url, dest, src.title, manual, verify)
 
 
 def _ensure_archive(src: CifarSource, archive: Path, download: bool) -> None:

@@ -31,13 +31,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.client
 import logging
 import os
-import sys
-import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +41,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from auxpar.data.cifar import DOWNLOAD_TIMEOUT_S, _save_cache, _stderr_is_tty, cache_path
+from auxpar.data.cifar import _save_cache, cache_path
+from auxpar.data.download import fetch
 from auxpar.data.datasets import ImageDataset, channel_stats
 from auxpar.errors import ConfigError, DataError
 
@@ -202,57 +198,19 @@ def _url_base(url_base: str | None) -> str:
 
 def _download(url: str, dest: Path, spec: IdxFile, sha256: str) -> None:
     """Stream ``url`` next to ``dest``, check it like a local file, then rename it into place."""
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(
-            f"cannot create the data directory {dest.parent} ({exc}): choose a writable data_dir"
-        ) from None
     manual = (
         f"download {url} yourself and place it at {dest}, install the Debian package "
         f"{DEBIAN_PACKAGE}, or set {URL_BASE_ENV} to a mirror"
     )
-    log.info("downloading %s to %s", url, dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        got, total = 0, None
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
-                    length = resp.headers.get("Content-Length")
-                    total = int(length) if length and length.isdigit() else None
-                    from tqdm import tqdm
 
-                    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                              file=sys.stderr, disable=not _stderr_is_tty()) as bar:
-                        while True:
-                            chunk = resp.read(_CHUNK)
-                            if not chunk:
-                                break
-                            out.write(chunk)
-                            got += len(chunk)
-                            bar.update(len(chunk))
-            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-                if isinstance(exc, urllib.error.HTTPError):
-                    reason = f"HTTP {exc.code} {exc.reason}"
-                else:
-                    reason = getattr(exc, "reason", None) or exc
-                raise DataError(
-                    f"could not download {TITLE} from {url} ({reason}): the URL could not be "
-                    f"reached. Check the network, or {manual}"
-                ) from None
-        if total is not None and got != total:
-            raise DataError(f"download of {url} stopped after {got} of {total} bytes: rerun to retry, or {manual}")
+    def verify(tmp: Path, md5: str) -> None:
         try:
             read_idx_file(tmp, spec, sha256)
         except DataError as exc:
             raise DataError(f"downloaded {url}, but the file is not usable: {exc}. Rerun to retry, "
                             f"or {manual}") from None
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    fetch(url, dest, TITLE, manual, verify)
 
 
 def locate(spec: IdxFile, data_dir: Path, system_dir: Path, download: bool, url_base: str,
