@@ -39,6 +39,7 @@ def _one_run(i: int, base) -> tuple[int, list[int], bool, str]:
     out = base / f"run{i:02d}"
     argv = [sys.executable, "-m", "auxpar", "train", "--method", method, "--stages", "2",
             "--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--progress", "off",
+            "--set", "data.train_subset=256",
             "--threads", "1", "--timeout", "60", "--out", str(out)]
     port = str(_free_port())
     procs = []
