@@ -362,27 +362,28 @@ def load_cifar(
         archive = Path(data_dir) / src.filename
         _ensure_archive(src, archive, download)
         splits = _read_archive(src, archive)
-        train_images = torch.from_numpy(splits["train"][0]).reshape(-1, 3, 32, 32)
-        mean, std = channel_stats(train_images)
-        for s, (data, labels) in splits.items():
-            obj = {
-                "format": CACHE_FORMAT,
-                "md5": src.md5,
-                "images": torch.from_numpy(data).reshape(-1, 3, 32, 32).contiguous(),
-                "labels": torch.from_numpy(labels).to(torch.int64).contiguous(),
-                "mean": tuple(mean),
-                "std": tuple(std),
-            }
-            _save_cache(cache_path(data_dir, name, s), obj)
-            if s == split:
-                cached = obj
-    assert cached is not None
-    return ImageDataset(
-        name,
-        cached["images"].contiguous(),
-        cached["labels"],
-        src.num_classes,
-        tuple(cached["mean"]),
-        tuple(cached["std"]),
-        split=split,
-    )
+        images = {s: torch.from_numpy(data).reshape(-1, 3, 32, 32) for s, (data, _) in splits.items()}
+        cached = save_split_caches(data_dir, name, split, {s: (images[s], lab) for s, (_, lab) in splits.items()},
+                                   {"format": CACHE_FORMAT, "md5": src.md5})
+    return dataset_from_cache(name, cached, src.num_classes, split)
+
+
+def save_split_caches(data_dir, name: str, split: str, splits: dict, header: dict) -> dict:
+    """Cache every split ({split: (uint8 image tensor, label array)}) with the training set's
+    normalization and ``header``; returns the cache object of ``split``."""
+    mean, std = channel_stats(splits["train"][0])
+    out = None
+    for s, (images, labels) in splits.items():
+        obj = {**header, "images": images.contiguous(),
+               "labels": torch.from_numpy(labels).to(torch.int64).contiguous(),
+               "mean": tuple(mean), "std": tuple(std)}
+        _save_cache(cache_path(data_dir, name, s), obj)
+        if s == split:
+            out = obj
+    assert out is not None
+    return out
+
+
+def dataset_from_cache(name: str, cached: dict, num_classes: int, split: str) -> ImageDataset:
+    return ImageDataset(name, cached["images"].contiguous(), cached["labels"], num_classes,
+                        tuple(cached["mean"]), tuple(cached["std"]), split=split)

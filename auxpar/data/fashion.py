@@ -41,9 +41,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from auxpar.data.cifar import _save_cache, cache_path
+from auxpar.data.cifar import cache_path, dataset_from_cache, save_split_caches
 from auxpar.data.download import fetch
-from auxpar.data.datasets import ImageDataset, channel_stats
+from auxpar.data.datasets import ImageDataset
 from auxpar.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -310,28 +310,6 @@ def load_fashion(
                     f"{labels.shape[0]} labels: the two {s} files do not belong together; "
                     f"{_fix_hint(str(img_path))}"
                 )
-            arrays[s] = (images, labels)
-        train_images = torch.from_numpy(arrays["train"][0].copy())
-        mean, std = channel_stats(train_images)
-        for s, (images, labels) in arrays.items():
-            obj = {
-                "format": CACHE_FORMAT,
-                "sha256": hashes,
-                "images": train_images if s == "train" else torch.from_numpy(images.copy()),
-                "labels": torch.from_numpy(labels).to(torch.int64).contiguous(),
-                "mean": tuple(mean),
-                "std": tuple(std),
-            }
-            _save_cache(cache_path(data_dir, NAME, s), obj)
-            if s == split:
-                cached = obj
-    assert cached is not None
-    return ImageDataset(
-        NAME,
-        cached["images"].contiguous(),
-        cached["labels"],
-        NUM_CLASSES,
-        tuple(cached["mean"]),
-        tuple(cached["std"]),
-        split=split,
-    )
+            arrays[s] = (torch.from_numpy(images.copy()), labels)
+        cached = save_split_caches(data_dir, NAME, split, arrays, {"format": CACHE_FORMAT, "sha256": hashes})
+    return dataset_from_cache(NAME, cached, NUM_CLASSES, split)
