@@ -245,3 +245,31 @@ def check_dir(trace_dir: str, device: str = "cpu") -> dict:
         res = replay(traces, model, device)
         out = out or res
     return out
+
+
+def main(argv=None) -> int:
+    """``python tests/protocol_check.py TRACE_DIR [--device cpu]``: replay a recorded run.
+
+    Record one with ``AUXPAR_PROTOCOL_TRACE=TRACE_DIR PYTHONPATH=tests/protocol auxpar train ...``
+    (any method, any flags; TRACE_DIR must exist and be empty)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("trace_dir")
+    ap.add_argument("--device", default="cpu", help="the device every recorded tensor must be on")
+    a = ap.parse_args(argv)
+    traces = load(a.trace_dir)
+    ok = True
+    for model in MODELS:
+        try:
+            res = replay(traces, model, a.device)
+            print(f"{model}: ok ({res['ranks']} ranks, {res['messages']} messages, {res['p2p_items']} p2p items, "
+                  f"{res['collectives']} collectives)")
+        except ProtocolError as exc:
+            ok = False
+            print(f"{model}: FAILED\n{exc}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
