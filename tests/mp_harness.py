@@ -23,13 +23,21 @@ def _free_port() -> int:
 
 
 def _entry(rank, world, port, fn, args, outdir):
+    from auxpar import distributed as adist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # As auxpar.distributed.init/shutdown do (the teardown race): bind torch's WORLD-defaulted
+    # functions before the group exists, and complete every pending send before leaving it, so
+    # no gloo thread outlives destroy_process_group and aborts the process at exit.
+    adist._bind_defaults_before_the_group()
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         result = fn(rank, world, *args)
+        adist._drain()
         dist.barrier()
     finally:
+        adist._drains.clear()
         dist.destroy_process_group()
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
 
