@@ -151,7 +151,7 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
     if not launched:
         return DistInfo(0, 1, 0, 1, dev, "none")
     if not tdist.is_initialized():
-        _bind_defaults_before_the_group()
+        bind_defaults_before_the_group()
         timeout = datetime.timedelta(seconds=timeout_s)
         # The rendezvous store outlives a torchrun restart (the agent keeps it), so the previous
         # attempt's keys (e.g. gloo peer addresses of dead workers) are still there; a restarted
@@ -194,7 +194,7 @@ def check_one_rank_per_gpu(store, dev: torch.device, local_rank: int, local_worl
         raise err
 
 
-def _bind_defaults_before_the_group() -> None:
+def bind_defaults_before_the_group() -> None:
     """Import the torch modules whose functions take ``group=group.WORLD`` as a *default
     argument* before the group exists (the default is then None, "the default group").
 
@@ -264,7 +264,7 @@ def shutdown(info: DistInfo, clean: bool = True) -> None:
     then die during interpreter teardown and C++ static destruction, racing with the peers that
     exit at the same moment: "terminate called without an active exception" and SIGABRT on a
     run that had finished and written summary.json. :func:`init` removes the cause found for
-    penalty/AL (see :func:`_bind_defaults_before_the_group`), and the threads are then gone when
+    penalty/AL (see :func:`bind_defaults_before_the_group`), and the threads are then gone when
     this returns. If some are still alive (measured, not assumed: /proc/self/task), the
     interpreter's teardown is skipped instead: at exit, stdout, stderr and the log handlers are
     flushed and the process ends with ``os._exit(0)``; every file of the run is already written

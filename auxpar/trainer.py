@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from auxpar import __version__ as auxpar_version
 from auxpar import checkpoint, faults
 from auxpar.resume import (CheckpointSaver, LoopState, check_compatible, load_rank_state, model_file,
                            resolve_resume, set_rng_state, truncate_metrics)
@@ -314,7 +316,9 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
         "wall_time_s": time.perf_counter() - t_launch, "train_time_s": loop.train_time,
         "eval_time_s": loop.eval_time, "phase_times_s": loop.phase_times, "comm_bytes": comm_total,
         "peak_memory_bytes": max(mem_per_rank), "peak_memory_bytes_per_rank": mem_per_rank,
-        "torch_version": torch.__version__, "device": str(info.device), "backend": info.backend,
+        "torch_version": torch.__version__, "auxpar_version": auxpar_version, "git_revision": git_revision(),
+        "precision": cfg.run.precision, "channels_last": cfg.run.channels_last,
+        "device": str(info.device), "backend": info.backend,
         "threads": torch.get_num_threads(), "seed": cfg.run.seed, "params": n_params,
         "aux_store_bytes": 0, "skipped_steps": skipped,
         "checkpoint_bytes": saver.last_bytes, "checkpoint_time_s": saver.total_time,
@@ -331,6 +335,24 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
                  _pct(summary["final_test_acc"]), _pct(summary["best_test_acc"]), loop.train_time,
                  summary["wall_time_s"], Path(run_dir) / "summary.json")
     return summary
+
+
+def git_revision() -> str | None:
+    """The git revision of the auxpar source tree that ran (``+dirty`` with uncommitted changes
+    to tracked files), or None outside a git checkout (an installed wheel) or without git."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _pct(v):

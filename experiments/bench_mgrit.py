@@ -71,6 +71,9 @@ def _cfg(a, mg, K):
 def _worker(rank, world, port, a, mg, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    from auxpar.distributed import bind_defaults_before_the_group
+
+    bind_defaults_before_the_group()  # no gloo thread outlives the group (the exit abort)
     tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo")
     m = get_method("mgrit")(_cfg(a, mg, world), info, _net(a))

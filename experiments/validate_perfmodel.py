@@ -50,6 +50,9 @@ def _pingpong(rank, port, sizes, reps, out):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    from auxpar.distributed import bind_defaults_before_the_group
+
+    bind_defaults_before_the_group()  # no gloo thread outlives the group (the exit abort)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=dt.timedelta(seconds=60))
     res = {}
     for n in sizes:

@@ -30,7 +30,7 @@ def _entry(rank, world, port, fn, args, outdir):
     # As auxpar.distributed.init/shutdown do (the teardown race): bind torch's WORLD-defaulted
     # functions before the group exists, and complete every pending send before leaving it, so
     # no gloo thread outlives destroy_process_group and aborts the process at exit.
-    adist._bind_defaults_before_the_group()
+    adist.bind_defaults_before_the_group()
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         result = fn(rank, world, *args)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from auxpar.metrics import EPOCH_KEYS, SUMMARY_KEYS, read_metrics
-from conftest import read_summary, run_cli
+from conftest import ROOT, read_summary, run_cli
 
 
 @pytest.mark.slow
@@ -46,6 +46,11 @@ def test_short_run_outputs_and_no_overwrite(tmp_path):
     assert res.returncode == 0, res.stderr
     s = read_summary(out)
     assert s["steps"] == 4 and s["dataset"] == "synthetic"
+    import auxpar
+
+    assert s["auxpar_version"] == auxpar.__version__ and s["precision"] == "fp32"
+    if (ROOT / ".git").exists():  # a checkout: the revision that ran (40 hex digits, maybe +dirty)
+        assert len(s["git_revision"].removesuffix("+dirty")) == 40
     steps = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     # A second run into a finished run directory is refused and the first run's files survive.
