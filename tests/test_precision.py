@@ -282,20 +282,24 @@ def test_bf16_serial_digits_reaches_fp32_accuracy(tmp_path):
 
 # ---------------------------------------------------------------------------- pipeline / mgrit
 
-def _pipeline_vs_serial(rank, world, prec):
-    cfg = _cfg("pipeline", norm="none", precision=prec)
-    cfg.dist.stages, cfg.dist.microbatches, cfg.dist.pipeline_schedule = world, 2, "gpipe"
+def _staged_vs_serial(rank, world, method, prec, **dist):
+    """Two serial-phase steps of a staged method (norm none) against serial backprop under the
+    same precision: how far this rank's parameters moved, and how far they are from serial's."""
+    cfg = _cfg(method, norm="none", precision=prec)
+    cfg.dist.stages = world
+    for key, value in dist.items():
+        setattr(cfg.dist, key, value)
     info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo")
-    m = get_method("pipeline")(cfg, info, _net("none"))
+    m = get_method(method)(cfg, info, _net("none"))
     m.set_lr(0.1)
     ref = _serial(precision=prec, norm="none")
-    out = {"moved": 0.0, "diff": 0.0}
     start = m.block_range[0]
     before = {k: v.detach().clone() for k, v in m.stage.named_parameters()}
     for b in _batches(2):
         m.train_step(b, "serial")
         ref.train_step(b, "serial")
     refp = dict(ref.net.named_parameters())
+    out = {"moved": 0.0, "diff": 0.0}
     for name, p in m.stage.named_parameters():
         g = name
         if name.startswith("blocks."):
@@ -306,6 +310,10 @@ def _pipeline_vs_serial(rank, world, prec):
     out["scale"] = m.amp.get_scale()
     out["ref_scale"] = ref.amp.get_scale()
     return out
+
+
+def _pipeline_vs_serial(rank, world, prec):
+    return _staged_vs_serial(rank, world, "pipeline", prec, microbatches=2, pipeline_schedule="gpipe")
 
 
 @pytest.mark.slow
@@ -381,27 +389,7 @@ def test_fp16_checkpoint_resume_is_bitwise(tmp_path):
 def _layer_serial_vs_serial(rank, world, prec):
     """The SPH serial phase of penalty (layer executor) under autocast equals serial under the
     same precision: the gradients between ranks travel unscaled in fp32."""
-    cfg = _cfg("penalty", norm="none", precision=prec)
-    cfg.dist.stages = world
-    info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo")
-    m = get_method("penalty")(cfg, info, _net("none"))
-    m.set_lr(0.1)
-    ref = _serial(precision=prec, norm="none")
-    start = m.block_range[0]
-    before = {k: v.detach().clone() for k, v in m.stage.named_parameters()}
-    for b in _batches(2):
-        m.train_step(b, "serial")
-        ref.train_step(b, "serial")
-    refp = dict(ref.net.named_parameters())
-    diff = moved = 0.0
-    for name, p in m.stage.named_parameters():
-        g = name
-        if name.startswith("blocks."):
-            _, i, rest = name.split(".", 2)
-            g = f"blocks.{start + int(i)}.{rest}"
-        diff = max(diff, (p.detach() - refp[g].detach()).abs().max().item())
-        moved = max(moved, (p.detach() - before[name]).abs().max().item())
-    return {"diff": diff, "moved": moved, "scale": m.amp.get_scale(), "ref_scale": ref.amp.get_scale()}
+    return _staged_vs_serial(rank, world, "penalty", prec)
 
 
 @pytest.mark.slow

@@ -295,23 +295,28 @@ def cache_path(data_dir: str | os.PathLike, name: str, split: str) -> Path:
 
 
 def _load_cache(path: Path, src: CifarSource) -> dict[str, Any] | None:
+    return load_split_cache(path, {"format": CACHE_FORMAT, "md5": src.md5}, (3, 32, 32), src.num_classes)
+
+
+def load_split_cache(path: Path, header: dict, image_shape: tuple, num_classes: int) -> dict[str, Any] | None:
+    """A cached split (see :func:`save_split_caches`) if it exists, matches ``header`` (format
+    and source checksum) and holds sane tensors; None otherwise (the caller rebuilds it)."""
     if not path.is_file():
         return None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         images, labels = obj["images"], obj["labels"]
         ok = (
-            obj.get("format") == CACHE_FORMAT
-            and obj.get("md5") == src.md5
+            all(obj.get(k) == v for k, v in header.items())
             and isinstance(images, torch.Tensor)
             and isinstance(labels, torch.Tensor)
             and images.dtype == torch.uint8
-            and tuple(images.shape[1:]) == (3, 32, 32)
+            and tuple(images.shape[1:]) == tuple(image_shape)
             and labels.dtype == torch.int64
             and labels.shape == (images.shape[0],)
-            and len(obj["mean"]) == 3
-            and len(obj["std"]) == 3
-            and (labels.numel() == 0 or (int(labels.min()) >= 0 and int(labels.max()) < src.num_classes))
+            and len(obj["mean"]) == image_shape[0]
+            and len(obj["std"]) == image_shape[0]
+            and (labels.numel() == 0 or (int(labels.min()) >= 0 and int(labels.max()) < num_classes))
         )
     except Exception as exc:  # noqa: BLE001 - a bad cache is never fatal
         log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, exc)

@@ -41,7 +41,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from auxpar.data.cifar import cache_path, dataset_from_cache, save_split_caches
+from auxpar.data.cifar import cache_path, dataset_from_cache, load_split_cache, save_split_caches
 from auxpar.data.download import fetch
 from auxpar.data.datasets import ImageDataset
 from auxpar.errors import ConfigError, DataError
@@ -237,32 +237,8 @@ def locate(spec: IdxFile, data_dir: Path, system_dir: Path, download: bool, url_
 
 
 def _load_cache(path: Path, hashes: list[str]) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        images, labels = obj["images"], obj["labels"]
-        ok = (
-            obj.get("format") == CACHE_FORMAT
-            and list(obj.get("sha256", [])) == hashes
-            and isinstance(images, torch.Tensor)
-            and isinstance(labels, torch.Tensor)
-            and images.dtype == torch.uint8
-            and images.dim() == 4
-            and tuple(images.shape[1:]) == (1, SIZE, SIZE)
-            and labels.dtype == torch.int64
-            and labels.shape == (images.shape[0],)
-            and len(obj["mean"]) == 1
-            and len(obj["std"]) == 1
-            and (labels.numel() == 0 or (int(labels.min()) >= 0 and int(labels.max()) < NUM_CLASSES))
-        )
-    except Exception as exc:  # noqa: BLE001 - a bad cache is never fatal
-        log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, exc)
-        return None
-    if not ok:
-        log.info("cache %s is stale or invalid; rebuilding it", path)
-        return None
-    return obj
+    # (the hashes list round-trips through the cache as a list)
+    return load_split_cache(path, {"format": CACHE_FORMAT, "sha256": list(hashes)}, (1, SIZE, SIZE), NUM_CLASSES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,5 +287,5 @@ def load_fashion(
                     f"{_fix_hint(str(img_path))}"
                 )
             arrays[s] = (torch.from_numpy(images.copy()), labels)
-        cached = save_split_caches(data_dir, NAME, split, arrays, {"format": CACHE_FORMAT, "sha256": hashes})
+        cached = save_split_caches(data_dir, NAME, split, arrays, {"format": CACHE_FORMAT, "sha256": list(hashes)})
     return dataset_from_cache(NAME, cached, NUM_CLASSES, split)
