@@ -16,6 +16,8 @@ import torch
 
 EPOCH_KEYS = (
     "kind", "epoch", "step", "phase", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+    # the loss of the epoch's first step: after a parallel -> serial switch, how far the stages drifted
+    "first_step_loss",
     "epoch_time_s", "train_time_s", "comm_bytes",
     # layer-parallel methods (null for serial / DDP): beta; per boundary k = 1..K-1 the mean
     # residual ||F_{k-1}(z_{k-1}) - z_k||, the penalty value and the mean multiplier norm; per

@@ -39,7 +39,7 @@ CSV_FIELDS = (
     "final_test_acc", "best_test_acc", "final_train_loss", "final_train_acc",
     "train_time_s", "wall_time_s", "eval_time_s", "speedup_vs_serial", "target_acc", "time_to_target_s",
     "comm_bytes", "aux_store_bytes", "peak_memory_bytes", "params", "epochs", "steps", "ds_factor",
-    "schedule", "split_compute_s", "split_comm_s", "split_wait_s", "split_serial_phase_s",
+    "schedule", "equal_time", "switch_loss_jump", "split_compute_s", "split_comm_s", "split_wait_s", "split_serial_phase_s",
     "device", "backend", "threads", "torch_version", "run_dir",
 )
 
@@ -145,6 +145,21 @@ def time_to_target(epoch_records: list[dict], target: float | None) -> float | N
     return None
 
 
+def switch_jumps(epoch_records: list[dict]) -> list[float]:
+    """Per parallel -> serial switch: the first serial step's loss minus the mean training loss
+    of the parallel epoch before it. A large jump means the stages drifted away from the
+    network they form together while they trained apart (SPH runs only)."""
+    out = []
+    prev = None
+    for rec in epoch_records:
+        if (prev is not None and rec.get("phase") == "serial" and prev.get("phase") not in (None, "serial")
+                and isinstance(rec.get("first_step_loss"), (int, float))
+                and isinstance(prev.get("train_loss"), (int, float))):
+            out.append(rec["first_step_loss"] - prev["train_loss"])
+        prev = rec
+    return out
+
+
 def _rank_lists(obj: dict) -> list[list[float]] | None:
     lists = [obj.get(k) for k in ("time_compute_s", "time_comm_s", "time_wait_s")]
     if all(isinstance(v, list) and v for v in lists):
@@ -212,7 +227,8 @@ def analyse(records: list[dict], target_acc: float | None) -> dict:
     groups: dict[tuple, dict] = {}
     for rec in records:
         g = groups.setdefault(group_key(rec), {"label": rec["label"], "method": rec["method"], "k": rec["k"],
-                                               "world": rec["world"], "settings": rec["settings"], "runs": []})
+                                               "world": rec["world"], "settings": rec["settings"], "runs": [],
+                                               "equal_time": rec.get("equal_time", "")})
         g["runs"].append(rec)
     glist = list(groups.values())
 
@@ -221,7 +237,7 @@ def analyse(records: list[dict], target_acc: float | None) -> dict:
                 if r["summary"] is not None and isinstance(r["summary"].get(key), (int, float))]
 
     ref = None
-    serials = [g for g in glist if g["method"] == "serial" and vals(g, "train_time_s")]
+    serials = [g for g in glist if g["method"] == "serial" and not g["equal_time"] and vals(g, "train_time_s")]
     if serials:
         ref = next((g for g in serials if not g["settings"]), serials[0])
     ref_time = _mean(vals(ref, "train_time_s")) if ref else None
@@ -241,6 +257,7 @@ def analyse(records: list[dict], target_acc: float | None) -> dict:
             r["time_to_target_s"] = time_to_target(r["epoch_records"], target)
             r["speedup"] = (ref_time / s["train_time_s"]) if ref_time and s.get("train_time_s") else None
             r["split"] = time_split(s, r["epoch_records"])
+            r["switch_jumps"] = switch_jumps(r["epoch_records"])
         for key in ("final_test_acc", "best_test_acc", "train_time_s", "wall_time_s", "comm_bytes",
                     "aux_store_bytes", "peak_memory_bytes"):
             xs = vals(g, key)
@@ -250,9 +267,16 @@ def analyse(records: list[dict], target_acc: float | None) -> dict:
         reached = [r["time_to_target_s"] for r in done if r["time_to_target_s"] is not None]
         g["ttt"] = (_mean(reached), len(reached), len(done))
         g["split"] = {k: _mean([r["split"][k] for r in done]) for k in SPLIT_KEYS} if done else None
+        jumps = [j for r in done for j in r["switch_jumps"]]
+        g["switch_jump"] = _mean(jumps)
+        g["epochs"] = sorted({r["summary"].get("epochs") for r in done if r["summary"].get("epochs")})
         g["split_reported"] = any(r["split"]["split"] for r in done)
         ds = {r["summary"].get("ds_factor") for r in done}
         g["ds_factor"] = ds.pop() if len(ds) == 1 else None
+    ref_acc = _mean(vals(ref, "final_test_acc")) if ref else None
+    for g in glist:
+        acc = g.get("final_test_acc", (None, None))[0]
+        g["gap"] = (acc - ref_acc) if acc is not None and ref_acc is not None else None
     return {"groups": glist, "ref": ref, "ref_time": ref_time, "target": target, "target_note": target_note}
 
 
@@ -283,11 +307,21 @@ def fmt_ttt(ttt: tuple, target: float | None) -> str:
     return text
 
 
+def group_settings(g: dict) -> str:
+    text = _settings_text(g["settings"])
+    if g.get("equal_time"):
+        ep = "/".join(str(e) for e in g.get("epochs") or [])
+        text = (text + ", " if text else "") + f"equal time to {g['equal_time']}" + (f" ({ep} ep)" if ep else "")
+    return text or "-"
+
+
 def group_cells(g: dict, a: dict) -> list[str]:
+    gap = "n/a" if g.get("gap") is None else f"{100 * g['gap']:+.2f}"
     return [
-        str(g["k"]), str(g["world"]), _settings_text(g["settings"]) or "-", str(g["n"]),
-        fmt_pm(*g["final_test_acc"], g["n"], scale=100), fmt_pm(*g["best_test_acc"], g["n"], scale=100),
+        str(g["k"]), str(g["world"]), group_settings(g), str(g["n"]),
+        fmt_pm(*g["final_test_acc"], g["n"], scale=100), gap, fmt_pm(*g["best_test_acc"], g["n"], scale=100),
         fmt_pm(*g["train_time_s"], g["n"]), fmt_num(g["speedup"]), fmt_ttt(g["ttt"], a["target"]),
+        fmt_num(g.get("switch_jump"), nd=3),
         fmt_num(g["comm_bytes"][0], 1 / MB), fmt_num(g["aux_store_bytes"][0], 1 / MB),
         fmt_num(g["peak_memory_bytes"][0], 1 / MB),
     ]
@@ -298,8 +332,9 @@ def _target_header(a: dict) -> str:
 
 
 def group_headers(a: dict) -> list[str]:
-    return ["K", "procs", "settings", "seeds", "final test acc %", "best test acc %", "train time (s)",
-            "speedup vs serial", _target_header(a), "comm MB", "aux store MB", "peak mem MB"]
+    return ["K", "procs", "settings", "seeds", "final test acc %", "gap to serial (pts)", "best test acc %",
+            "train time (s)", "speedup vs serial", _target_header(a), "loss jump at switch", "comm MB",
+            "aux store MB", "peak mem MB"]
 
 
 def run_headers(a: dict) -> list[str]:
@@ -373,8 +408,10 @@ def write_csv(path: Path, records: list[dict], a: dict) -> None:
                 row["speedup_vs_serial"] = "" if r["speedup"] is None else r["speedup"]
                 row["target_acc"] = "" if a["target"] is None else a["target"]
                 row["time_to_target_s"] = "" if r["time_to_target_s"] is None else r["time_to_target_s"]
+                row["switch_loss_jump"] = "" if not r["switch_jumps"] else _mean(r["switch_jumps"])
                 for k in SPLIT_KEYS:
                     row[f"split_{k}_s"] = r["split"][k]
+            row["equal_time"] = r.get("equal_time", "")
             w.writerow(row)
 
 
@@ -551,6 +588,11 @@ def write_markdown(path: Path, plan: dict, records: list[dict], a: dict, plots, 
         "- speedup: serial's mean training time / the row's mean training time (same study; "
         "training time excludes evaluation and start-up)"
         + ("" if a["ref"] is not None else " -- n/a here: the study has no finished serial run"),
+        "- gap to serial: the row's mean final test accuracy minus full-length serial's, in points; "
+        "`equal time to X` rows are serial with the same schedule shape cut to the epochs that fit "
+        "into X's training time (the honest baseline for X's speedup)",
+        "- loss jump at switch: first serial step's loss minus the last parallel epoch's mean "
+        "training loss, mean over the SPH switches (how far the stages drifted apart)",
         "- accuracy: mean over seeds, `± std` (sample) when there are several; MB = 10^6 bytes; "
         "peak memory is the largest rank's (CUDA allocator peak on GPU, max RSS on CPU)",
         "",

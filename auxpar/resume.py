@@ -63,6 +63,8 @@ class LoopState:
                                                 "test_acc": None})
     loss_sum: torch.Tensor | None = None
     correct: torch.Tensor | None = None
+    first: torch.Tensor | None = None
+    """(loss * count, count) of the epoch's first step, on the device: read with the epoch sums."""
     seen: int = 0
     method_epoch_state: dict | None = None
     resumed_from: int | None = None
@@ -70,6 +72,7 @@ class LoopState:
     def new_epoch(self, device, reinit_time: float) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.float64, device=device)
+        self.first = torch.zeros(2, dtype=torch.float64, device=device)
         self.seen = 0
         self.reinit_time = reinit_time
         self.epoch_time = 0.0
@@ -82,6 +85,7 @@ class LoopState:
             "phase_times": dict(self.phase_times), "best_acc": self.best_acc, "last": dict(self.last),
             "loss_sum": None if self.loss_sum is None else self.loss_sum.detach().cpu(),
             "correct": None if self.correct is None else self.correct.detach().cpu(),
+            "first": None if self.first is None else self.first.detach().cpu(),
             "seen": self.seen, "method_epoch_state": self.method_epoch_state,
         }
 
@@ -93,6 +97,8 @@ class LoopState:
         self.phase_times, self.best_acc, self.last = dict(s["phase_times"]), float(s["best_acc"]), dict(s["last"])
         self.loss_sum = None if s["loss_sum"] is None else s["loss_sum"].to(device)
         self.correct = None if s["correct"] is None else s["correct"].to(device)
+        first = s.get("first")  # absent in checkpoints of auxpar before 0.x: the epoch's first step is lost
+        self.first = first.to(device) if first is not None else torch.zeros(2, dtype=torch.float64, device=device)
         self.seen = int(s["seen"])
         self.method_epoch_state = s["method_epoch_state"]
         self.resumed_from = self.step

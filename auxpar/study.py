@@ -74,7 +74,7 @@ same study as a file). About two minutes on a 2-core CPU (MGRIT is the slowest r
 DEFAULT_OUT_ROOT = "studies"
 
 STUDY_KEYS = ("name", "description", "config", "seeds", "target_acc", "out")
-METHOD_KEYS = ("method", "stages", "seeds", "grid", "optional")
+METHOD_KEYS = ("method", "stages", "seeds", "grid", "optional", "equal_time")
 TOP_KEYS = ("study", "base", "methods")
 
 CONTROLLED = {
@@ -86,6 +86,10 @@ CONTROLLED = {
     "dist.nproc": "the study starts one process per stage (DDP: per K) by itself",
 }
 """Settings the study sets for each run; a study file may not set them elsewhere."""
+
+EQUAL_TIME_KEYS = ("run.epochs", "optim.milestones", "optim.step_size", "optim.warmup_epochs")
+"""What ``equal_time`` derives when the run starts (so a finished equal-time run matches its plan
+whatever epoch count its references gave it)."""
 
 IGNORED_IN_MATCH = {
     "run.out", "run.progress", "run.resume", "run.checkpoint_every", "run.keep",
@@ -124,11 +128,16 @@ class RunSpec:
     config: dict
     """Fully resolved train config (Config.resolved(); run.out is set when it is written)."""
     optional: bool = False
+    equal_time: str = ""
+    """Label of the method table whose training time this run gets (``equal_time = "LABEL"``);
+    its epoch count is derived when it starts (:func:`resolve_equal_time`)."""
+    pace: str = ""
+    """Label of the full-length table of the same method whose runs give the time per epoch."""
 
     def plan_entry(self) -> dict:
         return {"name": self.name, "label": self.label, "method": self.method, "k": self.k,
                 "world": self.world, "seed": self.seed, "settings": self.settings,
-                "optional": self.optional}
+                "optional": self.optional, "equal_time": self.equal_time, "pace": self.pace}
 
 
 @dataclass
@@ -328,6 +337,9 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
         optional = mt.get("optional", False)
         if not isinstance(optional, bool):
             raise ConfigError(f"{where}: optional must be true or false")
+        equal_time = mt.get("equal_time", "")
+        if not isinstance(equal_time, str) or ("equal_time" in mt and not equal_time):
+            raise ConfigError(f"{where}: equal_time names another method table, e.g. equal_time = \"penalty\"")
         if method == "serial":
             ks = _int_list(mt.get("stages", [1]), f"{where} stages")
             if ks != [1]:
@@ -384,10 +396,93 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
                     run_name = "-".join([label] + ([f"k{k}"] if method != "serial" else []) + tags
                                         + [f"s{seed}"])
                     runs.append(RunSpec(name=run_name, label=label, method=method, k=k, world=world, seed=seed,
-                                        settings=settings, config=cfg.resolved(), optional=optional))
+                                        settings=settings, config=cfg.resolved(), optional=optional,
+                                        equal_time=equal_time))
+    _link_equal_time(runs, methods, source)
     _dedupe_names(runs)
     return Study(name=study_name, source=source, description=st.get("description", ""), target_acc=target,
                  out=st.get("out", ""), runs=runs, text=text)
+
+
+def _link_equal_time(runs: list[RunSpec], methods: dict, source: str) -> None:
+    """Check every ``equal_time`` reference, pick each equal-time table's pace table, and move the
+    equal-time runs to the end of the plan (they start once the runs they depend on are done)."""
+    labels = {r.label: r for r in runs}
+    for label, mt in methods.items():
+        ref = mt.get("equal_time") if isinstance(mt, dict) else None
+        if not ref:
+            continue
+        where = f"{source}: [methods.{label}]"
+        if ref not in methods or ref not in labels:
+            raise ConfigError(f"{where}: equal_time = {ref!r} names no method table of this study; "
+                              f"tables: {', '.join(m for m in methods if m != label)}")
+        if ref == label or methods[ref].get("equal_time"):
+            raise ConfigError(f"{where}: equal_time = {ref!r} must name a full-length table, not an "
+                              "equal-time one (or itself)")
+        method = labels[label].method
+        pace = next((r.label for r in runs if r.method == method and not r.equal_time), None)
+        if pace is None:
+            raise ConfigError(
+                f"{where}: equal_time needs a full-length table of --method {method} in the study too "
+                f"(its runs give the time per epoch), e.g. [methods.{method}]")
+        for r in runs:
+            if r.label == label:
+                r.pace = pace
+    runs.sort(key=lambda r: bool(r.equal_time))  # stable: plan order otherwise
+
+
+def equal_time_deps(study: Study, spec: RunSpec) -> list[str]:
+    """Names of the runs an equal-time run needs finished before it can start."""
+    if not spec.equal_time:
+        return []
+    return [r.name for r in study.runs if r.label in (spec.equal_time, spec.pace)]
+
+
+def _scale_schedule(config: dict, epochs: int) -> dict:
+    """The same lr schedule shape over ``epochs`` instead of ``run.epochs``: epoch-valued
+    settings (milestones, step size, warm-up) scale with the run length; cosine needs nothing."""
+    cfg = copy.deepcopy(config)
+    f = epochs / cfg["run"]["epochs"]
+    o = cfg["optim"]
+    o["milestones"] = sorted({max(1, round(m * f)) for m in o["milestones"]})
+    o["step_size"] = max(1, round(o["step_size"] * f))
+    o["warmup_epochs"] = round(o["warmup_epochs"] * f)
+    cfg["run"]["epochs"] = epochs
+    return cfg
+
+
+def resolve_equal_time(study: Study, spec: RunSpec, study_dir: Path) -> tuple[dict, str]:
+    """(config, explanation) of an equal-time run: as many epochs of its own method as fit into
+    the training time of its reference runs (the same seed's when there is one, else their
+    mean), at the time per epoch its pace table's full-length runs measured in this study.
+    Rounded down, so the baseline never gets more time than the method it is compared with."""
+    def times(label: str, seed: int | None) -> list[tuple[float, int]]:
+        out = []
+        for r in study.runs:
+            if r.label != label or (seed is not None and r.seed != seed):
+                continue
+            try:
+                s = json.loads((study_dir / "runs" / r.name / "summary.json").read_text())
+                out.append((float(s["train_time_s"]), int(s["epochs"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return out
+
+    ref = times(spec.equal_time, spec.seed) or times(spec.equal_time, None)
+    pace = times(spec.pace, None)
+    if not ref or not pace:
+        missing = spec.equal_time if not ref else spec.pace
+        raise ConfigError(
+            f"{spec.name}: equal_time needs finished runs of [methods.{missing}] (their training time "
+            f"sets this run's epoch count); run them first (they are part of this study, or select "
+            f"them with --only)")
+    budget = sum(t for t, _ in ref) / len(ref)
+    per_epoch = sum(t / e for t, e in pace) / len(pace)
+    full = spec.config["run"]["epochs"]
+    epochs = max(1, min(full, int(budget / per_epoch + 1e-9)))
+    why = (f"equal time to [methods.{spec.equal_time}]: {budget:.1f}s of training at {per_epoch:.2f}s per "
+           f"epoch ([methods.{spec.pace}]) = {epochs} of {full} epochs")
+    return _scale_schedule(spec.config, epochs), why
 
 
 def _dedupe_names(runs: list[RunSpec]) -> None:
@@ -443,7 +538,7 @@ def _write_text(text: str, path: Path) -> None:
 
 # --------------------------------------------------------------------------- run state
 
-def config_differences(stored: dict, planned: dict) -> list[str]:
+def config_differences(stored: dict, planned: dict, ignore: tuple = ()) -> list[str]:
     """Keys (section.key: stored -> planned) on which a finished run differs from the plan.
 
     Keys present on one side only (a newer or older auxpar) and keys that do not change what
@@ -453,7 +548,7 @@ def config_differences(stored: dict, planned: dict) -> list[str]:
     a, b = _flatten(stored), _flatten(planned)
     diffs = []
     for key in sorted(set(a) & set(b)):
-        if key in IGNORED_IN_MATCH:
+        if key in IGNORED_IN_MATCH or key in ignore:
             continue
         va, vb = a[key], b[key]
         if key == "dist.split" and vb == []:
@@ -479,7 +574,7 @@ def run_state(spec: RunSpec, run_dir: Path) -> tuple[str, str]:
             stored = load_toml(cfg_file)
         except ConfigError as exc:
             return "changed", str(exc)
-        diffs = config_differences(stored, spec.config)
+        diffs = config_differences(stored, spec.config, EQUAL_TIME_KEYS if spec.equal_time else ())
         if diffs:
             more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
             return "changed", "; ".join(diffs[:3]) + more
@@ -521,19 +616,30 @@ def cluster_command(spec: RunSpec, cfg_path: Path, run_dir: Path, state: str) ->
     return shlex.join(head + args)
 
 
-def write_configs(study: Study, study_dir: Path) -> None:
+def write_run_config(study: Study, spec: RunSpec, study_dir: Path, config: dict | None = None,
+                     note: str = "") -> Path:
+    """Write STUDY/configs/NAME.toml (only when its text changes); returns the path."""
     from auxpar.config import config_to_toml
 
+    cfg = copy.deepcopy(config if config is not None else spec.config)
+    cfg["run"]["out"] = str(study_dir / "runs" / spec.name)
+    if spec.equal_time and not note:
+        note = (f"equal time to [methods.{spec.equal_time}]: run.epochs (and the lr schedule's epoch "
+                "settings) are set when the run starts")
+    header = (f"# Study {study.name}, run {spec.name}: {spec.method}, K = {spec.k}, seed {spec.seed}"
+              + (f", {settings_text(spec.settings)}" if spec.settings else "")
+              + (f"\n# {note}" if note else "")
+              + f"\n# Written by auxpar study from {study.source}; edit the study, not this file.\n")
+    path = study_dir / "configs" / f"{spec.name}.toml"
+    text = header + config_to_toml(cfg)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        _write_text(text, path)
+    return path
+
+
+def write_configs(study: Study, study_dir: Path) -> None:
     for spec in study.runs:
-        cfg = copy.deepcopy(spec.config)
-        cfg["run"]["out"] = str(study_dir / "runs" / spec.name)
-        header = (f"# Study {study.name}, run {spec.name}: {spec.method}, K = {spec.k}, seed {spec.seed}"
-                  + (f", {settings_text(spec.settings)}" if spec.settings else "")
-                  + f"\n# Written by auxpar study from {study.source}; edit the study, not this file.\n")
-        path = study_dir / "configs" / f"{spec.name}.toml"
-        text = header + config_to_toml(cfg)
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            _write_text(text, path)
+        write_run_config(study, spec, study_dir)
     _write_text(json.dumps(study.plan(), indent=2) + "\n", study_dir / "study.json")
     if study.text:
         _write_text(study.text, study_dir / "study.toml")
@@ -588,6 +694,14 @@ class _Runner:
         cfg_path = self.dir / "configs" / f"{spec.name}.toml"
         log_path = self.dir / "logs" / f"{spec.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        if spec.equal_time:
+            try:
+                config, why = resolve_equal_time(self.study, spec, self.dir)
+            except ConfigError as exc:
+                log_path.write_text(f"{exc}\n", encoding="utf-8")
+                return Outcome(spec.name, "failed", detail=f"not started\n{exc}")
+            write_run_config(self.study, spec, self.dir, config, note=why)
+            self.say(f"{spec.name}: {why}")
         cmd = [sys.executable, "-m", "auxpar", *train_args(spec, cfg_path, run_dir, state), "--progress", "off"]
         with self.lock:
             self.live[spec.name] = "starting"
@@ -782,19 +896,26 @@ def execute(study: Study, study_dir: Path, jobs: int | None = None, rerun_change
     try:
         running: dict = {}
         while pending or running:
+            busy = {it[0].name for it in pending} | {name for name, _ in running.values()}
             for item in list(pending):
                 if len(running) >= jobs:
                     break
+                if any(dep in busy for dep in equal_time_deps(study, item[0])):
+                    continue  # an equal-time run starts once the runs that set its length are done
                 devices = None
                 if gpus:
                     if item[0].world > len(free):
                         continue
                     devices, free = free[:item[0].world], free[item[0].world:]
                 pending.remove(item)
-                running[pool.submit(work, item, devices)] = devices
+                running[pool.submit(work, item, devices)] = (item[0].name, devices)
+            if not running:  # cannot happen with a valid plan; never spin
+                for item in pending:
+                    outcomes[item[0].name] = Outcome(item[0].name, "failed", detail="could not be scheduled")
+                break
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
-                devices = running.pop(fut)
+                _name, devices = running.pop(fut)
                 if devices:
                     free = sorted(free + devices, key=lambda d: gpus.index(d))
                 o = fut.result()
@@ -912,6 +1033,14 @@ def run(args: argparse.Namespace) -> int:
             elif state == "changed" and not args.rerun_changed:
                 lines.append(f"# conflict (finished with another config, see --rerun-changed): {spec.name}")
             else:
+                if spec.equal_time:
+                    try:
+                        config, why = resolve_equal_time(study, spec, study_dir)
+                    except ConfigError:
+                        lines.append(f"# after the runs of [methods.{spec.equal_time}] and [methods.{spec.pace}] "
+                                     f"finish, print the commands again to get {spec.name} (equal time)")
+                        continue
+                    write_run_config(study, spec, study_dir, config, note=why)
                 # --resume latest on every line: submitting a line again continues that run
                 # from its latest checkpoint (and starts it fresh when it has none)
                 lines.append(cluster_command(spec, study_dir / "configs" / f"{spec.name}.toml",

@@ -216,6 +216,9 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
             # Device accumulators: summed here, read once per epoch (no sync per step).
             loop.loss_sum += out.loss.double() * out.count
             loop.correct += out.correct.double()
+            if i == 0:  # the loss right after a phase switch shows how far the stages drifted
+                loop.first = torch.stack([out.loss.detach().double() * out.count,
+                                          torch.tensor(float(out.count), dtype=torch.float64, device=info.device)])
             loop.seen += out.count
             loop.step += 1
             bar.update(1)
@@ -244,12 +247,14 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
         dt = loop.epoch_time + seg
         train_time = loop.train_time
 
-        stats = torch.stack([loop.loss_sum, loop.correct,
-                             torch.tensor(float(loop.seen), dtype=torch.float64, device=info.device)])
+        stats = torch.cat([torch.stack([loop.loss_sum, loop.correct,
+                                        torch.tensor(float(loop.seen), dtype=torch.float64, device=info.device)]),
+                           loop.first])
         if method.reduce_train_stats:
             all_reduce_(info, stats)
-        loss_total, correct_total, seen_total = stats.tolist()
+        loss_total, correct_total, seen_total, first_total, first_count = stats.tolist()
         train_loss = loss_total / max(seen_total, 1)
+        first_loss = first_total / first_count if first_count > 0 else None
         train_acc = correct_total / max(seen_total, 1)
         # The per-step guard (all ranks, before the optimizer step) already stopped on NaN; this
         # catches a non-finite epoch mean that --on-nan skip let through on every step.
@@ -278,7 +283,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
         if owner:
             metrics.epoch(epoch=epoch + 1, step=loop.step, phase=phase, lr=lr, train_loss=train_loss,
                           train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
-                          epoch_time_s=dt, train_time_s=train_time, comm_bytes=comm_now,
+                          first_step_loss=first_loss, epoch_time_s=dt, train_time_s=train_time, comm_bytes=comm_now,
                           reinit_time_s=loop.reinit_time, skipped_steps=skipped, **extras)
             test_txt = f" test {100 * test_acc:5.2f}%" if test_acc is not None else ""
             coupling_txt = ""

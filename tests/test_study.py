@@ -110,6 +110,13 @@ def test_setting_tags_are_readable():
     ({"sudy": {}, "methods": {"serial": {}}}, "unknown top-level key or table [sudy]"),
     ({"study": {}}, "no [methods.NAME] tables"),
     ({"study": {}, "methods": {"a": {"method": "serial"}, "b": {"method": "serial"}}}, None),
+    (study(penalty={"stages": [2]}, eqt={"method": "serial", "equal_time": "al"}),
+     "equal_time = 'al' names no method table"),
+    (study(penalty={"stages": [2]}, eqt={"method": "serial", "equal_time": "penalty"}),
+     "needs a full-length table of --method serial"),
+    (study(serial={}, penalty={"stages": [2]}, e1={"method": "serial", "equal_time": "penalty"},
+           e2={"method": "serial", "equal_time": "e1"}), "must name a full-length table"),
+    (study(serial={}, eqt={"method": "serial", "equal_time": 3}), "equal_time names another method table"),
 ])
 def test_bad_study_files_name_the_problem(data, message):
     if message is None:  # two tables, same runs under different labels: fine, distinct names
@@ -183,6 +190,69 @@ def test_shipped_study_files_expand():
         assert {r.config["coupling"]["ds_factor"] for r in lp} == {1, 2}
         assert {r.config["coupling"]["schedule"] for r in lp} == {"parallel", "parallel:8,serial:2"}
     assert len(load_study(ROOT / "experiments/studies/digits-grid.toml").runs) == 102
+
+
+def test_equal_time_runs_get_the_epochs_that_fit(tmp_path):
+    from auxpar.study import equal_time_deps, resolve_equal_time
+
+    st = parse_study({"study": {"seeds": [0, 1]}, "base": {"data": {"dataset": "digits"}, "run": {"epochs": 10},
+                                                         "optim": {"schedule": "multistep", "milestones": [5, 8],
+                                                                   "warmup_epochs": 2}},
+                      "methods": {"eqt": {"method": "serial", "equal_time": "penalty"}, "serial": {},
+                                  "penalty": {"stages": [2]}}})
+    # equal-time runs go last, whatever the file order; each depends on its reference and pace runs
+    assert [r.name for r in st.runs] == ["serial-s0", "serial-s1", "penalty-k2-s0", "penalty-k2-s1",
+                                         "eqt-s0", "eqt-s1"]
+    eqt = st.runs[4]
+    assert eqt.pace == "serial" and eqt.equal_time == "penalty"
+    assert set(equal_time_deps(st, eqt)) == {"serial-s0", "serial-s1", "penalty-k2-s0", "penalty-k2-s1"}
+    assert equal_time_deps(st, st.runs[0]) == []
+    with pytest.raises(ConfigError, match=r"needs finished runs of \[methods.penalty\]"):
+        resolve_equal_time(st, eqt, tmp_path)
+
+    def done(name, secs, epochs):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"train_time_s": secs, "epochs": epochs}))
+
+    done("serial-s0", 30.0, 10)   # 3.0 s per epoch
+    done("serial-s1", 34.0, 10)   # 3.4 s per epoch: pace 3.2 s
+    done("penalty-k2-s0", 16.0, 10)
+    cfg, why = resolve_equal_time(st, eqt, tmp_path)
+    assert cfg["run"]["epochs"] == 5 and "16.0s" in why and "5 of 10 epochs" in why  # floor(16 / 3.2)
+    assert cfg["optim"]["milestones"] == [2, 4] and cfg["optim"]["warmup_epochs"] == 1  # same shape
+    assert eqt.config["run"]["epochs"] == 10  # the plan is untouched
+    # seed 1 has no penalty run of its own: the mean of the reference runs
+    done("penalty-k2-s1", 9.5, 10)
+    assert resolve_equal_time(st, st.runs[5], tmp_path)[0]["run"]["epochs"] == 2  # floor(9.5 / 3.2)
+    # never longer than the full-length run, never shorter than one epoch
+    (tmp_path / "runs" / "penalty-k2-s0" / "summary.json").write_text(json.dumps({"train_time_s": 99, "epochs": 10}))
+    assert resolve_equal_time(st, eqt, tmp_path)[0]["run"]["epochs"] == 10
+    (tmp_path / "runs" / "penalty-k2-s0" / "summary.json").write_text(json.dumps({"train_time_s": 1, "epochs": 10}))
+    assert resolve_equal_time(st, eqt, tmp_path)[0]["run"]["epochs"] == 1
+    # a finished equal-time run matches its plan although its epoch count differs
+    from auxpar.study import run_state
+    from auxpar.config import config_to_toml
+
+    d = tmp_path / "runs" / "eqt-s0"
+    d.mkdir()
+    (d / "summary.json").write_text("{}")
+    (d / "config.toml").write_text(config_to_toml(cfg))
+    assert run_state(eqt, d)[0] == "complete"
+    assert run_state(st.runs[0], d)[0] == "changed"  # a full-length run with 1 epoch is not
+
+
+def test_switch_jumps_read_the_first_serial_step():
+    from auxpar.report import switch_jumps
+
+    recs = [{"phase": "parallel", "train_loss": 0.2, "first_step_loss": 2.3},
+            {"phase": "parallel", "train_loss": 0.16, "first_step_loss": 0.2},
+            {"phase": "serial", "train_loss": 0.5, "first_step_loss": 0.84},
+            {"phase": "serial", "train_loss": 0.4, "first_step_loss": 0.5},
+            {"phase": "parallel", "train_loss": 0.3, "first_step_loss": 0.4},
+            {"phase": "serial", "train_loss": 0.3, "first_step_loss": None}]
+    assert switch_jumps(recs) == [pytest.approx(0.68)]
+    assert switch_jumps([{"phase": "serial", "train_loss": 1.0, "first_step_loss": 1.0}] * 3) == []
 
 
 # --------------------------------------------------------------------------- report helpers
@@ -290,6 +360,10 @@ dataset = "digits"
 [methods.penalty]
 stages = [2]
 
+[methods.serial-eqt]      # serial cut to the epochs that fit into penalty's training time
+method = "serial"
+equal_time = "penalty"
+
 [methods.broken]          # fails at start: no CIFAR-10 here and downloads are off
 method = "serial"
 data.dataset = "cifar10"
@@ -298,7 +372,7 @@ data.data_dir = "{tmp_path / 'nodata'}"
 """)
     out = tmp_path / "tiny"
     # 1. only the serial run
-    res = run_cli("study", "--config", str(f), "--out", str(out), "--only", "serial-*", timeout=120)
+    res = run_cli("study", "--config", str(f), "--out", str(out), "--only", "serial-s*", timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     serial_dir = out / "runs" / "serial-s0"
     first = (serial_dir / "summary.json").read_text()
@@ -313,7 +387,11 @@ data.data_dir = "{tmp_path / 'nodata'}"
     assert "done penalty-k2-s0" in res.stderr
     assert (serial_dir / "summary.json").stat().st_mtime_ns == mtime
     assert (serial_dir / "summary.json").read_text() == first
-    assert "1 complete, 1 done, 1 failed" in res.stdout
+    assert "1 complete, 2 done, 1 failed" in res.stdout
+    eqt = read_summary(out / "runs" / "serial-eqt-s0")
+    assert "serial-eqt-s0: equal time to [methods.penalty]" in res.stderr
+    assert 1 <= eqt["epochs"] <= 2  # 2-epoch runs: penalty's time holds one or two serial epochs
+    assert f"= {eqt['epochs']} of 2 epochs" in (out / "configs" / "serial-eqt-s0.toml").read_text()
     # the printed table: one line per method with the summary's accuracy
     s_ser, s_pen = read_summary(serial_dir), read_summary(out / "runs" / "penalty-k2-s0")
     table = res.stdout.split("\n\n")[0]
@@ -322,7 +400,8 @@ data.data_dir = "{tmp_path / 'nodata'}"
 
     # results.csv: the summaries' numbers, unrounded
     rows = {r["name"]: r for r in csv.DictReader(open(out / "results.csv"))}
-    assert set(rows) == {"serial-s0", "penalty-k2-s0", "broken-s0"}
+    assert set(rows) == {"serial-s0", "penalty-k2-s0", "serial-eqt-s0", "broken-s0"}
+    assert rows["serial-eqt-s0"]["equal_time"] == "penalty"
     assert rows["broken-s0"]["status"] == "missing" and rows["broken-s0"]["final_test_acc"] == ""
     for name, s in (("serial-s0", s_ser), ("penalty-k2-s0", s_pen)):
         r = rows[name]
@@ -347,14 +426,19 @@ data.data_dir = "{tmp_path / 'nodata'}"
 
     for label, s in (("serial", s_ser), ("penalty", s_pen)):
         (row,) = _md_rows(md, f"### {label}\n")
-        assert row[4:7] == shown(s), (label, row)
-        assert row[7] == f"{s_ser['train_time_s'] / s['train_time_s']:.2f}"
+        assert [row[4], row[6], row[7]] == shown(s), (label, row)
+        gap = 100 * (s["final_test_acc"] - s_ser["final_test_acc"])
+        assert row[5] == f"{gap:+.2f}"
+        assert row[8] == f"{s_ser['train_time_s'] / s['train_time_s']:.2f}"
         ttt = rows[label + ("-s0" if label == "serial" else "-k2-s0")]["time_to_target_s"]
-        assert row[8] == (f"{float(ttt):.2f}" if ttt else "not reached")
-        assert row[9:12] == [f"{s['comm_bytes'] / 1e6:.2f}", f"{s['aux_store_bytes'] / 1e6:.2f}",
+        assert row[9] == (f"{float(ttt):.2f}" if ttt else "not reached")
+        assert row[10] == "n/a"  # no SPH switch in 2 epochs of parallel:2,serial:1
+        assert row[11:14] == [f"{s['comm_bytes'] / 1e6:.2f}", f"{s['aux_store_bytes'] / 1e6:.2f}",
                              f"{s['peak_memory_bytes'] / 1e6:.2f}"]
+    (row,) = _md_rows(md, "### serial-eqt")
+    assert row[2] == f"equal time to penalty ({eqt['epochs']} ep)"
     runs = {r[0]: r for r in _md_rows(md, "## All runs")}
-    assert set(runs) == {"serial-s0", "penalty-k2-s0"}
+    assert set(runs) == {"serial-s0", "penalty-k2-s0", "serial-eqt-s0"}
     for name, s in (("serial-s0", s_ser), ("penalty-k2-s0", s_pen)):
         assert runs[name][5:8] == shown(s)
         assert runs[name][8] == f"{s['wall_time_s']:.2f}"
@@ -376,7 +460,7 @@ data.data_dir = "{tmp_path / 'nodata'}"
 
     # 4. a finished run whose config no longer matches the study is reported, not replaced
     f.write_text(f.read_text().replace("epochs = 2", "epochs = 3"))
-    res = run_cli("study", "--config", str(f), "--out", str(out), "--only", "serial-*", timeout=60)
+    res = run_cli("study", "--config", str(f), "--out", str(out), "--only", "serial-s*", timeout=60)
     assert res.returncode == 1
     assert "conflict serial-s0" in res.stderr and "run.epochs: 2 -> 3" in res.stderr
     assert "--rerun-changed" in res.stderr
