@@ -12,10 +12,8 @@ import logging
 import sys
 import time
 
+from auxpar import registry
 from auxpar.errors import AuxparError, ConfigError
-
-LAYER_PARALLEL = ("pipeline", "penalty", "al", "mgrit")
-"""Methods with one process per stage (times --dp for mgrit), started automatically outside torchrun."""
 
 EXTRA_COMMANDS: list[str] = ["auxpar.perfmodel", "auxpar.study", "auxpar.export"]
 """Modules that add a subcommand: each has ``add_parser(subparsers)``, which registers its parser
@@ -67,7 +65,10 @@ def _split_arg(text: str) -> list[int]:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="TOML config; flags override it")
     p.add_argument("--model", help="resnet20|32|44|56|110, preact-resnet<6n+2>, wrn-<6n+4>-<k>")
-    p.add_argument("--dataset", choices=__import__("auxpar.data", fromlist=["DATASET_NAMES"]).DATASET_NAMES)
+    p.add_argument("--dataset", choices=registry.dataset_names())
+    p.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import MODULE first: it registers methods or datasets (auxpar.registry); repeatable, "
+                        "recorded as run.plugins")
     p.add_argument("--stages", type=int, metavar="K", help="layer-parallel stages")
     p.add_argument("--split", type=_split_arg, metavar="N,N,...", help="explicit blocks per stage")
     p.add_argument("--dropout", type=float, help="dropout inside WRN blocks")
@@ -84,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model", description="Train a model. Flags override --config.")
     _add_common(t)
-    t.add_argument("--method", help="serial (backprop, 1 process), ddp (data parallel), pipeline "
-                   "(GPipe/1F1B baseline), penalty or al (aux-variable layer parallel), mgrit")
+    t.add_argument("--method", help="; ".join(f"{m.name}: {m.description}" for m in map(
+        registry.method, registry.method_names())))
     t.add_argument("--data-dir", help="where datasets are downloaded and cached (default: data)")
     t.add_argument("--no-download", dest="no_download", action="store_true",
                    help="fail instead of downloading a missing dataset")
@@ -190,6 +191,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         out.setdefault("data", {})["augment"] = False
     if getattr(args, "no_download", False):
         out.setdefault("data", {})["download"] = False
+    if getattr(args, "plugin", None):
+        out.setdefault("run", {})["plugins"] = list(args.plugin)
     if args.split is not None and args.stages is None:
         out.setdefault("dist", {})["stages"] = len(args.split)
     for item in args.set:
@@ -206,9 +209,12 @@ def load_config(args: argparse.Namespace):
     file_data = load_toml(args.config) if args.config else {}
     overrides = overrides_from_args(args)
     method = overrides.get("run", {}).get("method") or file_data.get("run", {}).get("method")
-    if method == "mgrit" and getattr(args, "schedule", None) is not None:
-        # --schedule is the SPH phase list of whichever method runs: mgrit keeps its own key
-        overrides.setdefault("mgrit", {})["schedule"] = overrides["coupling"].pop("schedule")
+    if getattr(args, "schedule", None) is not None and isinstance(method, str):
+        # --schedule is the SPH phase list of whichever method runs; a method may keep its own key
+        registry.load_plugins(overrides.get("run", {}).get("plugins", []) + file_data.get("run", {}).get("plugins", []))
+        if method in registry.method_names():
+            sec, key = registry.method(method).phases_key.split(".")
+            overrides.setdefault(sec, {})[key] = overrides["coupling"].pop("schedule")
     return build_config(file_data, overrides, source=args.config or "config")
 
 
@@ -230,7 +236,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if not dist.under_launcher():
         nproc = cfg.dist.nproc
         want = cfg.dist.stages * cfg.dist.dp
-        if nproc == 1 and want > 1 and cfg.run.method in LAYER_PARALLEL:
+        if nproc == 1 and want > 1 and registry.method(cfg.run.method).layout == "stages":
             # One process per stage: `--method penalty --stages 4` alone is a complete command.
             nproc = want
             print(f"auxpar: starting {nproc} local processes, one per stage (gloo on CPU)", file=sys.stderr)
@@ -272,8 +278,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prescan_plugins(argv: list[str]) -> None:
+    """Import --plugin modules before the parser is built, so their names are valid choices."""
+    mods = [a.split("=", 1)[1] for a in argv if a.startswith("--plugin=")]
+    mods += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--plugin"]
+    registry.load_plugins(mods)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _prescan_plugins(argv)
+    except AuxparError as exc:
+        _report(exc)
+        return exc.exit_code
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -39,10 +39,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
+from auxpar import registry
 from auxpar.errors import ConfigError
-
-METHODS = ("serial", "ddp", "pipeline", "penalty", "al", "mgrit")
-"""Training methods known to this build. Layer-parallel methods register here when they land."""
 
 SCHEDULES = ("constant", "step", "multistep", "cosine")
 
@@ -50,7 +48,11 @@ SCHEDULES = ("constant", "step", "multistep", "cosine")
 @dataclass
 class RunConfig:
     method: str = "serial"
-    """serial: backprop in one process (the baseline); ddp: data parallel over all ranks."""
+    """A registered method (auxpar.registry): serial (backprop in one process, the baseline), ddp,
+    pipeline, penalty, al, mgrit, or one a plugin registers."""
+    plugins: list = field(default_factory=list)
+    """Modules to import before anything else (they register methods or datasets), e.g.
+    ["my_plugin"]; also --plugin and $AUXPAR_PLUGINS."""
     seed: int = 0
     epochs: int = 10
     out: str = ""
@@ -88,9 +90,11 @@ class RunConfig:
     """Convert the model/stages and their 4-D inputs to torch.channels_last memory format."""
 
     def validate(self) -> None:
-        if self.method not in METHODS:
+        registry.load_plugins(self.plugins)
+        if self.method not in registry.method_names():
             raise ConfigError(
-                f"run.method = {self.method!r} is not a known method; choose one of {', '.join(METHODS)}"
+                f"run.method = {self.method!r} is not a known method; choose one of "
+                f"{', '.join(registry.method_names())} (or load the plugin that registers it: run.plugins)"
             )
         _positive("run.epochs", self.epochs)
         _nonneg("run.threads", self.threads)
@@ -123,7 +127,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "digits"
-    """cifar10, cifar100, digits, fashion-mnist or synthetic (auxpar.data.DATASET_NAMES)."""
+    """A registered dataset (auxpar.registry): cifar10, cifar100, digits, fashion-mnist, synthetic,
+    or one a plugin registers."""
     data_dir: str = "data"
     download: bool = True
     batch_size: int = 128
@@ -147,9 +152,7 @@ class DataConfig:
     seed and method sees the same samples; the test set is never reduced."""
 
     def validate(self) -> None:
-        from auxpar.data.datasets import DATASET_NAMES
-
-        _choice("data.dataset", self.dataset, DATASET_NAMES)
+        _choice("data.dataset", self.dataset, registry.dataset_names())
         _nonneg("data.train_subset", self.train_subset)
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
@@ -431,11 +434,10 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
-        if self.run.precision == "fp16" and self.run.method == "mgrit":
-            raise ConfigError(
-                "--precision fp16 does not run with --method mgrit: a loss scale would have to pass "
-                "through every adjoint relaxation, residual norm and warm-start state of the MGRIT "
-                "solves; use --precision bf16 (no loss scaling needed) or fp32")
+        m = registry.method(self.run.method)
+        if self.run.precision not in m.precisions:
+            raise ConfigError(f"--precision {self.run.precision} does not run with --method {m.name}: "
+                              + (m.precision_note or f"use one of {', '.join(m.precisions)}"))
         return self
 
     def resolved(self) -> dict:
@@ -534,33 +536,15 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 
 def dataset_defaults(dataset: str) -> dict:
-    """Recipe defaults that depend on the dataset, applied below the TOML file and the flags."""
-    if dataset in ("cifar10", "cifar100"):
-        # The WRN recipe (Zagoruyko & Komodakis): lr 0.1, Nesterov, wd 5e-4, batch 128,
-        # 200 epochs, lr x0.2 at 60/120/160.
-        return {
-            "run": {"epochs": 200},
-            "data": {"batch_size": 128},
-            "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "schedule": "multistep", "milestones": [60, 120, 160], "gamma": 0.2},
-        }
-    if dataset == "digits":
-        # Measured on the embedded digits set: 15 epochs of SGD 0.05 cosine at batch 64 gives
-        # ResNet-20 ~98-99% test accuracy in well under a minute on a laptop CPU.
-        return {
-            "run": {"epochs": 15},
-            "data": {"batch_size": 64},
-            "optim": {"lr": 0.05, "schedule": "cosine", "weight_decay": 5e-4},
-        }
-    if dataset == "fashion-mnist":
-        # The CPU study recipe (experiments/studies/fashion-resnet20.toml): SGD 0.05 cosine at
-        # batch 128; 10 epochs fit a 10,000-image subset into minutes per run on one core.
-        return {
-            "run": {"epochs": 10},
-            "data": {"batch_size": 128},
-            "optim": {"lr": 0.05, "schedule": "cosine", "weight_decay": 5e-4},
-        }
-    return {}
+    """Recipe defaults of a registered dataset, applied below the TOML file and the flags
+    (``recipe=`` of :func:`auxpar.registry.register_dataset`); {} for an unknown name (the
+    validation then names the choices)."""
+    import copy
+
+    try:
+        return copy.deepcopy(registry.dataset(dataset).recipe)
+    except ConfigError:
+        return {}
 
 
 def build_config(file_data: dict | None = None, overrides: dict | None = None,
@@ -568,6 +552,11 @@ def build_config(file_data: dict | None = None, overrides: dict | None = None,
     """Defaults < dataset recipe < TOML file < flag overrides; then validate."""
     file_data = file_data or {}
     overrides = overrides or {}
+    for layer in (file_data, overrides):  # plugins first: they may register the method or dataset
+        plugins = layer.get("run", {}).get("plugins", []) if isinstance(layer.get("run"), dict) else []
+        if not isinstance(plugins, list):
+            raise ConfigError(f"run.plugins = {plugins!r} must be a list of module names, e.g. [\"my_plugin\"]")
+        registry.load_plugins(plugins)
     dataset = (
         overrides.get("data", {}).get("dataset")
         or file_data.get("data", {}).get("dataset")

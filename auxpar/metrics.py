@@ -14,22 +14,37 @@ from pathlib import Path
 
 import torch
 
-EPOCH_KEYS = (
+COMMON_EPOCH_KEYS = (
     "kind", "epoch", "step", "phase", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
     # the loss of the epoch's first step: after a parallel -> serial switch, how far the stages drifted
     "first_step_loss",
     "epoch_time_s", "train_time_s", "comm_bytes",
-    # layer-parallel methods (null for serial / DDP): beta; per boundary k = 1..K-1 the mean
-    # residual ||F_{k-1}(z_{k-1}) - z_k||, the penalty value and the mean multiplier norm; per
-    # rank the cumulative compute / communication / waiting seconds; aux re-initialization time.
-    "beta", "residual", "penalty", "mu_norm", "time_compute_s", "time_comm_s", "time_wait_s",
-    "reinit_time_s",
-    # mgrit (null otherwise): per step {"fwd": n, "bwd": n} iterations and {"fwd": [...], "bwd":
-    # [...]} residual norms per iteration; epoch records carry the epoch means / last step's.
-    "mgrit_iters", "mgrit_residuals",
-    "skipped_steps",
 )
-STEP_KEYS = ("kind", "epoch", "step", "phase", "lr", "loss", "mgrit_iters", "mgrit_residuals")
+TAIL_EPOCH_KEYS = ("reinit_time_s", "skipped_steps")
+COMMON_STEP_KEYS = ("kind", "epoch", "step", "phase", "lr", "loss")
+
+
+def epoch_keys() -> tuple[str, ...]:
+    """The epoch record's keys: the common ones, then every registered method's own (its
+    ``epoch_keys`` in :mod:`auxpar.registry`; null for other methods), then the tail.
+
+    Built-in method keys: layer-parallel methods' beta; per boundary k = 1..K-1 the mean
+    residual ||F_{k-1}(z_{k-1}) - z_k||, the penalty value and the mean multiplier norm; per
+    rank the cumulative compute / communication / waiting seconds (penalty, AL, pipeline,
+    MGRIT); MGRIT's per-step {"fwd": n, "bwd": n} iterations and {"fwd": [...], "bwd": [...]}
+    residual norms (epoch records carry the epoch means / last step's)."""
+    from auxpar import registry
+
+    own = [k for k in registry.epoch_keys() if k not in COMMON_EPOCH_KEYS + TAIL_EPOCH_KEYS]
+    return COMMON_EPOCH_KEYS + tuple(own) + TAIL_EPOCH_KEYS
+
+
+def step_keys() -> tuple[str, ...]:
+    """The step record's keys: the common ones plus every registered method's ``step_keys``."""
+    from auxpar import registry
+
+    return COMMON_STEP_KEYS + tuple(k for k in registry.step_keys() if k not in COMMON_STEP_KEYS)
+
 
 SUMMARY_KEYS = (
     "method", "model", "dataset", "world_size", "stages", "split", "epochs", "steps",
@@ -65,10 +80,10 @@ class MetricsWriter:
         self._fh.flush()
 
     def epoch(self, **values) -> None:
-        self.write(EPOCH_KEYS, kind="epoch", **values)
+        self.write(epoch_keys(), kind="epoch", **values)
 
     def step(self, **values) -> None:
-        self.write(STEP_KEYS, kind="step", **values)
+        self.write(step_keys(), kind="step", **values)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -60,9 +60,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from auxpar import registry
 from auxpar.errors import ConfigError
-
-METHODS = ("serial", "ddp", "pipeline", "penalty", "al", "mgrit")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DDP_BUCKET_BYTES = 25 * 1024 * 1024  # DistributedDataParallel's default bucket_cap_mb
 
@@ -571,26 +570,59 @@ def predict_mgrit(prof: Profile, K: int, sc: Scenario) -> dict:
             "idle_fraction": 1.0 - max(fb) / step}
 
 
+# The registered predictors (auxpar.registry: perf="auxpar.perfmodel:predict_..."): each takes
+# (prof, K, sc, method) and returns {"step_s", "epoch_s", "comm_bytes_per_step", "idle_fraction",
+# "note", ...}; a ConfigError means "not applicable here" and becomes an n/a row.
+
+def perf_serial(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
+    return predict_serial(prof, sc)
+
+
+def perf_ddp(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
+    return predict_ddp(prof, K, sc)
+
+
+def perf_pipeline(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
+    return dict(predict_pipeline(prof, K, sc), note=f"{sc.schedule} M={sc.microbatches}")
+
+
+def perf_coupled(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
+    if sc.ds_factor > 1:
+        from auxpar.coupling.ds import rounds_up
+        from auxpar.models import build_model
+
+        try:
+            with torch.device("meta"):
+                net = build_model(prof.model, in_channels=prof.input_shape[0], input_size=prof.input_shape[1],
+                                  num_classes=prof.num_classes)
+            shapes = net.boundary_shapes()
+        except ConfigError:  # a hand-made profile of no buildable model: no shapes to check
+            shapes = None
+        st = _Stages(prof, _cut(prof, K, sc))
+        if shapes is not None and not rounds_up(sc.ds_factor) and any(
+                any(d % sc.ds_factor for d in shapes[st.ranges[k - 1][1]][1:]) for k in range(1, K)):
+            raise ConfigError(f"--ds-factor {sc.ds_factor} does not divide a boundary resolution")
+    res = predict_layer_parallel(prof, K, sc, method)
+    return dict(res, note=f"ds={sc.ds_factor} sph={sc.sph} ({res['reinits']} re-init)")
+
+
+def perf_mgrit(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
+    return dict(predict_mgrit(prof, K, sc),
+                note=(f"L={sc.mgrit_levels} m={','.join(map(str, sc.mgrit_cfactor))} "
+                      f"iters={sc.mgrit_fwd_iters}/{sc.mgrit_bwd_iters} (unvalidated)"))
+
+
 def predict(prof: Profile, method: str, K: int, sc: Scenario) -> dict:
-    """One prediction row; ``speedup`` is against the serial epoch time of the same profile."""
+    """One prediction row; ``speedup`` is against the serial epoch time of the same profile.
+    The method's predictor is the one it registered (:mod:`auxpar.registry`)."""
+    info = registry.method(method)  # an unknown name is an error that lists the methods
     base = predict_serial(prof, sc)
     row = {"method": method, "K": K, "note": ""}
     try:
-        if method == "serial":
-            res = base
-        elif method == "ddp":
-            res = predict_ddp(prof, K, sc)
-        elif method == "pipeline":
-            res = predict_pipeline(prof, K, sc)
-        elif method in ("penalty", "al"):
-            res = predict_layer_parallel(prof, K, sc, method)
-        elif method == "mgrit":
-            res = predict_mgrit(prof, K, sc)
-        else:
-            raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if not info.perf:
+            raise ConfigError(f"no performance model for --method {method}")
+        res = registry.load_target(info.perf, f"performance model of {method!r}")(prof, K, sc, method)
     except ConfigError as exc:
-        if method not in METHODS:
-            raise
         row.update(step_s=None, epoch_s=None, speedup=None, comm_bytes_per_step=None, idle_fraction=None,
                    note=f"n/a: {exc}")
         return row
@@ -614,38 +646,9 @@ def profile_warnings(prof: Profile) -> list[str]:
 
 
 def predict_all(prof: Profile, methods, stages: list[int], sc: Scenario) -> list[dict]:
-    from auxpar.models import build_model
-
     rows = [predict(prof, "serial", 1, sc)] if "serial" in methods else []
-    shapes = None
-    if sc.ds_factor > 1:
-        c, s = prof.input_shape[0], prof.input_shape[1]
-        with torch.device("meta"):
-            net = build_model(prof.model, in_channels=c, input_size=s, num_classes=prof.num_classes)
-        shapes = net.boundary_shapes()
     for K in stages:
-        for m in methods:
-            if m == "serial":
-                continue
-            row = predict(prof, m, K, sc)
-            if shapes is not None and m in ("penalty", "al") and row["epoch_s"] is not None:
-                st = _Stages(prof, _cut(prof, K, sc))
-                from auxpar.coupling.ds import rounds_up
-
-                bad = [st.ranges[k - 1][1] for k in range(1, K)
-                       if not rounds_up(sc.ds_factor) and any(d % sc.ds_factor for d in shapes[st.ranges[k - 1][1]][1:])]
-                if bad:
-                    row.update(step_s=None, epoch_s=None, speedup=None, comm_bytes_per_step=None,
-                               idle_fraction=None,
-                               note=f"n/a: --ds-factor {sc.ds_factor} does not divide a boundary resolution")
-            if m == "pipeline" and row.get("epoch_s") is not None:
-                row["note"] = f"{sc.schedule} M={sc.microbatches}"
-            if m in ("penalty", "al") and row.get("epoch_s") is not None:
-                row["note"] = f"ds={sc.ds_factor} sph={sc.sph} ({row['reinits']} re-init)"
-            if m == "mgrit" and row.get("epoch_s") is not None:
-                row["note"] = (f"L={sc.mgrit_levels} m={','.join(map(str, sc.mgrit_cfactor))} "
-                               f"iters={sc.mgrit_fwd_iters}/{sc.mgrit_bwd_iters} (unvalidated)")
-            rows.append(row)
+        rows += [predict(prof, m, K, sc) for m in methods if registry.method(m).layout != "single"]
     return rows
 
 
@@ -771,7 +774,7 @@ def add_parser(sub) -> None:
                     "devices at a given link bandwidth and latency. Writes perf.md, perf.csv, perf.json and "
                     "perf.png.")
     p.add_argument("--model", default=None, help="model name (default: resnet20)")
-    p.add_argument("--dataset", choices=__import__("auxpar.data", fromlist=["DATASET_NAMES"]).DATASET_NAMES,
+    p.add_argument("--dataset", choices=registry.dataset_names(),
                    default=None)
     p.add_argument("--batch-size", type=int, help="global batch size (default: the dataset recipe's)")
     p.add_argument("--stages", type=_int_list, default=[2, 4, 8], metavar="K[,K...]", help="device counts (2,4,8)")
@@ -785,7 +788,8 @@ def add_parser(sub) -> None:
     p.add_argument("--serial-executor", choices=["layer", "pipeline"], default="layer")
     p.add_argument("--aux-dtype", choices=sorted(DTYPE_BYTES), default="fp32")
     p.add_argument("--epochs", type=int, help="epochs of the run (default: the dataset recipe's)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(registry.method_names()),
+                   help=f"subset of {','.join(registry.method_names())}")
     p.add_argument("--balance", choices=["flops", "time"], default="flops", help="how stages are cut")
     p.add_argument("--norm", choices=["bn", "none"], default="bn")
     p.add_argument("--mgrit-levels", type=int, default=2)
@@ -853,9 +857,9 @@ def run(args) -> int:
     cfg = build_config({}, over, source="model-perf")
     parse_model_name(cfg.model.name)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in registry.method_names()]
     if bad or not methods:
-        raise ConfigError(f"--methods {args.methods!r}: choose from {', '.join(METHODS)}")
+        raise ConfigError(f"--methods {args.methods!r}: choose from {', '.join(registry.method_names())}")
     sc = scenario_from_args(args, cfg)
     stages = sorted(set(args.stages))
     out = Path(args.out) if args.out else Path("runs") / f"model-perf-{cfg.model.name}-{cfg.data.dataset}"

@@ -13,17 +13,10 @@ import torch
 
 from auxpar.config import DataConfig
 from auxpar.coupling.ds import reduced_size
-from auxpar.data.datasets import DATASET_NAMES, check_train_subset
+from auxpar import registry
+from auxpar.data.datasets import check_train_subset
 from auxpar.errors import ConfigError
 from auxpar.models import build_model, count_parameters, describe_partition
-
-# (channels, size, classes, train samples, test samples) of the built-in datasets.
-GEOMETRY = {
-    "cifar10": (3, 32, 10, 50_000, 10_000),
-    "cifar100": (3, 32, 100, 50_000, 10_000),
-    "digits": (1, 8, 10, 1_437, 360),
-    "fashion-mnist": (1, 28, 10, 60_000, 10_000),
-}
 
 AUX_DTYPES = {"fp32": 4, "bf16": 2}
 DS_FACTORS = (1, 2, 4)
@@ -39,10 +32,12 @@ def dataset_geometry(data: DataConfig) -> tuple[int, int, int, int]:
         if h != w:
             raise ConfigError(f"data.synthetic_shape = {data.synthetic_shape}: models take square images; use H == W")
         c, s, k, n = c, h, data.synthetic_classes, data.synthetic_num_train
-    elif data.dataset in GEOMETRY:
-        c, s, k, n, _ = GEOMETRY[data.dataset]
     else:
-        raise ConfigError(f"unknown dataset {data.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+        geometry = registry.dataset(data.dataset).geometry  # (channels, size, classes, train, test)
+        if geometry is None:
+            raise ConfigError(f"dataset {data.dataset!r} registers no geometry, so auxpar plan cannot size it "
+                              "without loading it; give geometry=(C, S, classes, train, test) in register_dataset")
+        c, s, k, n, _ = geometry
     subset = getattr(data, "train_subset", 0)
     check_train_subset(subset, n, k, data.dataset)
     return c, s, k, (subset or n)

@@ -304,7 +304,7 @@ class CheckpointSaver:
             man = {"format": checkpoint.CKPT_FORMAT, "step": loop.step, "epoch": loop.epoch,
                    "position": loop.position, "meta": run_meta(self.cfg, info), "files": files,
                    "arch": self.arch, "test_acc": loop.last.get("test_acc"),
-                   "residual_step": self.cfg.mgrit.step if self.cfg.run.method == "mgrit" else 1.0,
+                   "residual_step": residual_step(self.cfg),
                    "bytes": int(sum(allv[r * 9] for r in range(w))),
                    "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             checkpoint.write_json(man, d / checkpoint.MANIFEST)
@@ -320,10 +320,18 @@ class CheckpointSaver:
 
 # --------------------------------------------------------------------------- model file
 
+def residual_step(cfg: Config) -> float:
+    """The residual step h the method trained the network with (its registry ``model_step``;
+    1.0, the standard ResNet, for every built-in method but MGRIT with mgrit.step != 1)."""
+    from auxpar import registry
+
+    f = registry.method(cfg.run.method).model_step
+    return float(f(cfg)) if f is not None else 1.0
+
+
 def model_file(arch: dict, cfg: Config, state_dict: dict, test_acc, step: int) -> dict:
     """An ordinary model file: load with ``torch.load(f, weights_only=True)`` and
     ``auxpar.models.build_model(**arch)`` (see :func:`auxpar.export.load_model`)."""
-    h = cfg.mgrit.step if cfg.run.method == "mgrit" else 1.0
-    return {"format": MODEL_FORMAT, "arch": dict(arch), "residual_step": h, "dataset": cfg.data.dataset,
+    return {"format": MODEL_FORMAT, "arch": dict(arch), "residual_step": residual_step(cfg), "dataset": cfg.data.dataset,
             "method": cfg.run.method, "stages": cfg.dist.stages, "step": step,
             "test_acc": test_acc, "state_dict": state_dict}

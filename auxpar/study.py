@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from auxpar.cli import LAYER_PARALLEL  # methods with one process per stage
+from auxpar import registry
 from auxpar.errors import ConfigError
 
 # --------------------------------------------------------------------------- the embedded default
@@ -252,7 +252,7 @@ def settings_text(settings: dict) -> str:
 
 def parse_study(data: dict, source: str = "study", base_dir: Path | None = None, text: str = "") -> Study:
     """Validate a study mapping and expand it into runs (methods x K x settings x seeds)."""
-    from auxpar.config import METHODS, Config, apply_dict, build_config, load_toml
+    from auxpar.config import Config, apply_dict, build_config, load_toml
 
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     if not isinstance(data, dict):
@@ -310,12 +310,17 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
             raise ConfigError(f"{source}: [base.{sec}] must be a table of key = value pairs")
     _merge(base, base_tables)
     _check_controlled(_flatten(base_tables), f"{source}: [base]")
+    plugins = base.get("run", {}).get("plugins", [])
+    if not isinstance(plugins, list):
+        raise ConfigError(f"{source}: run.plugins must be a list of module names, e.g. [\"my_plugin\"]")
+    registry.load_plugins(plugins)  # before the method names are checked: a plugin may add one
+    methods_known = registry.method_names()
     apply_dict(Config(), copy.deepcopy(base), source=f"{source}: [base]")  # unknown keys, wrong types
 
     methods = data.get("methods")
     if not isinstance(methods, dict) or not methods:
         raise ConfigError(f"{source}: no [methods.NAME] tables; add at least one, e.g. [methods.serial] "
-                          f"(methods: {', '.join(METHODS)})")
+                          f"(methods: {', '.join(methods_known)})")
 
     runs: list[RunSpec] = []
     for label, mt in methods.items():
@@ -329,8 +334,8 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
             if key in sections and not isinstance(v, dict):
                 raise ConfigError(f"{where}: {key} must be a table, e.g. {key}.key = value")
         method = mt.get("method", label)
-        if method not in METHODS:
-            raise ConfigError(f"{where}: unknown method {method!r}; choose one of {', '.join(METHODS)}"
+        if not isinstance(method, str) or method not in methods_known:
+            raise ConfigError(f"{where}: unknown method {method!r}; choose one of {', '.join(methods_known)}"
                               + ("" if "method" in mt else " (or name the table freely and set method = ...)"))
         if not re.fullmatch(r"[A-Za-z0-9._-]+", label):
             raise ConfigError(f"{where}: use letters, digits, '.', '_' and '-' in method table names")
@@ -340,15 +345,16 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
         equal_time = mt.get("equal_time", "")
         if not isinstance(equal_time, str) or ("equal_time" in mt and not equal_time):
             raise ConfigError(f"{where}: equal_time names another method table, e.g. equal_time = \"penalty\"")
-        if method == "serial":
+        layout = registry.method(method).layout
+        if layout == "single":
             ks = _int_list(mt.get("stages", [1]), f"{where} stages")
             if ks != [1]:
-                raise ConfigError(f"{where}: serial backprop runs in one process; drop stages (or stages = [1])")
-        elif method in LAYER_PARALLEL:
+                raise ConfigError(f"{where}: --method {method} runs in one process; drop stages (or stages = [1])")
+        elif layout == "stages":
             if "stages" not in mt:
                 raise ConfigError(f"{where}: give the stage counts K, e.g. stages = [2, 4, 8]")
             ks = _int_list(mt["stages"], f"{where} stages", minimum=2)
-        else:  # ddp: K = ranks
+        else:  # replicas (ddp): K = ranks
             if "stages" not in mt:
                 raise ConfigError(f"{where}: give the process counts K (data-parallel ranks), e.g. stages = [2, 4, 8]")
             ks = _int_list(mt["stages"], f"{where} stages")
@@ -380,9 +386,9 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
                     _merge(layer, fixed)
                     _merge(layer, _nest(settings))
                     _merge(layer, {"run": {"method": method, "seed": seed}})
-                    if method in LAYER_PARALLEL:
+                    if layout == "stages":
                         _merge(layer, {"dist": {"stages": k}})
-                    elif method == "ddp":
+                    elif layout == "replicas":
                         _merge(layer, {"dist": {"stages": 1}})
                     what = f"{where} (K = {k}" + (f", {settings_text(settings)}" if settings else "") + ")"
                     try:
@@ -390,10 +396,10 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
                     except ConfigError as exc:
                         msg = str(exc)
                         raise ConfigError(msg if msg.startswith(what) else f"{what}: {msg}") from None
-                    world = k * cfg.dist.dp if method in LAYER_PARALLEL else k
+                    world = k * cfg.dist.dp if layout == "stages" else k
                     cfg.dist.nproc = world
                     tags = [setting_tag(key, v) for key, v in settings.items()]
-                    run_name = "-".join([label] + ([f"k{k}"] if method != "serial" else []) + tags
+                    run_name = "-".join([label] + ([f"k{k}"] if layout != "single" else []) + tags
                                         + [f"s{seed}"])
                     runs.append(RunSpec(name=run_name, label=label, method=method, k=k, world=world, seed=seed,
                                         settings=settings, config=cfg.resolved(), optional=optional,
@@ -586,13 +592,7 @@ def run_state(spec: RunSpec, run_dir: Path) -> tuple[str, str]:
 
 
 def method_available(method: str) -> bool:
-    try:
-        from auxpar.coupling import get_method
-
-        get_method(method)
-        return True
-    except ConfigError:
-        return False
+    return registry.method_available(method)
 
 
 # --------------------------------------------------------------------------- commands

@@ -25,7 +25,6 @@ import auxpar.data.fashion as fashion  # noqa: E402
 from auxpar.config import DataConfig, build_config  # noqa: E402
 from auxpar.coupling.ds import DSFilter, reduced_size  # noqa: E402
 from auxpar.data import (  # noqa: E402
-    DATASET_NAMES,
     FASHION_SHA256,
     TRAIN_SUBSET_SEED,
     cache_path,
@@ -223,7 +222,9 @@ def test_real_files_from_debian_package(tmp_path):
 
 
 def test_recipe_defaults():
-    assert "fashion-mnist" in DATASET_NAMES
+    from auxpar.registry import dataset_names
+
+    assert "fashion-mnist" in dataset_names()
     assert default_augment("fashion-mnist") == {"crop_pad": 2, "pad_mode": "zero", "flip": True}
     cfg = build_config(overrides={"data": {"dataset": "fashion-mnist"}})
     from auxpar.trainer import make_augment

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from auxpar.metrics import EPOCH_KEYS, SUMMARY_KEYS, read_metrics
+from auxpar.metrics import SUMMARY_KEYS, epoch_keys, read_metrics
 from conftest import ROOT, read_summary, run_cli
 
 
@@ -30,7 +30,7 @@ def test_serial_resnet20_digits_reaches_95_percent_in_under_a_minute(tmp_path):
     assert s["comm_bytes"] == 0 and s["peak_memory_bytes"] > 0
     recs = read_metrics(out / "metrics.jsonl")
     epochs = [r for r in recs if r["kind"] == "epoch"]
-    assert len(epochs) == 15 and all(tuple(r) == EPOCH_KEYS for r in epochs)
+    assert len(epochs) == 15 and all(tuple(r) == epoch_keys() for r in epochs)
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert (out / "config.toml").is_file() and (out / "model.pt").is_file()
     # One readable line per epoch on stdout.

@@ -1,34 +1,25 @@
 """Training methods behind one small interface (:class:`auxpar.coupling.base.Method`).
 
-One file per method. ``get_method(name)`` maps ``--method`` to its class; a new method
-(penalty, al, mgrit, pipeline) registers itself in ``_REGISTRY`` and in ``config.METHODS``.
+One file per method; each is registered once in :mod:`auxpar.registry` (name, class, process
+layout, metrics keys, performance model), and ``get_method(name)`` maps ``--method`` to its
+class through that registry, so a plugin's method is found the same way as a built-in one.
 """
 
 from __future__ import annotations
 
+from auxpar import registry
 from auxpar.coupling.base import Method, StepOut
-from auxpar.coupling.layer_parallel import AugmentedLagrangianMethod, PenaltyMethod
-from auxpar.coupling.mgrit import MgritMethod
-from auxpar.coupling.pipeline import PipelineMethod
-from auxpar.coupling.serial import DDPMethod, SerialMethod
-from auxpar.errors import ConfigError
-
-_REGISTRY: dict[str, type[Method]] = {
-    "serial": SerialMethod,
-    "ddp": DDPMethod,
-    "penalty": PenaltyMethod,
-    "al": AugmentedLagrangianMethod,
-    "mgrit": MgritMethod,
-    "pipeline": PipelineMethod,
-}
 
 
 def get_method(name: str) -> type[Method]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+    """The class of a registered method (imported on first use)."""
+    cls = registry.method(name).load()
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        from auxpar.errors import ConfigError
+
+        raise ConfigError(f"method {name!r}: {registry.method(name).target} is not a subclass of "
+                          "auxpar.coupling.base.Method")
+    return cls
 
 
-__all__ = ["Method", "StepOut", "SerialMethod", "DDPMethod", "PenaltyMethod", "AugmentedLagrangianMethod",
-           "PipelineMethod", "MgritMethod", "get_method"]
+__all__ = ["Method", "StepOut", "get_method"]

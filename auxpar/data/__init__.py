@@ -19,7 +19,6 @@ Typical use::
 from auxpar.data.augment import Augment, AugmentParams, normalize
 from auxpar.data.cifar import CIFAR_SOURCES, URL_BASE_ENV, CifarSource, cache_path, load_cifar
 from auxpar.data.datasets import (
-    DATASET_NAMES,
     DIGITS_SPLIT_SEED,
     SYNTHETIC_DEFAULTS,
     TRAIN_SUBSET_SEED,
@@ -44,7 +43,6 @@ __all__ = [
     "BatchLoader",
     "CIFAR_SOURCES",
     "CifarSource",
-    "DATASET_NAMES",
     "DIGITS_SPLIT_SEED",
     "FASHION_SHA256",
     "ImageDataset",

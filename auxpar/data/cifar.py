@@ -346,6 +346,16 @@ def _save_cache(path: Path, obj: dict[str, Any]) -> None:
 # front door
 
 
+def load_cifar10(split: str, data_dir: str | os.PathLike = "data", download: bool = True, **_) -> ImageDataset:
+    """The registered loader of ``cifar10`` (:mod:`auxpar.registry`)."""
+    return load_cifar("cifar10", split, data_dir=data_dir, download=download)
+
+
+def load_cifar100(split: str, data_dir: str | os.PathLike = "data", download: bool = True, **_) -> ImageDataset:
+    """The registered loader of ``cifar100`` (:mod:`auxpar.registry`)."""
+    return load_cifar("cifar100", split, data_dir=data_dir, download=download)
+
+
 def load_cifar(
     name: str,
     split: str,

@@ -30,8 +30,6 @@ import torch
 
 from auxpar.errors import ConfigError, DataError
 
-DATASET_NAMES = ("cifar10", "cifar100", "digits", "synthetic", "fashion-mnist")
-"""Every dataset name ``load_dataset``, the config (``data.dataset``) and ``--dataset`` accept."""
 SPLITS = ("train", "test")
 
 #: Seed of the digits train/test split. A constant on purpose: the test set must not depend on
@@ -46,17 +44,6 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "num_classes": 10,
 }
 
-_DEFAULT_AUGMENT = {
-    "cifar10": {"crop_pad": 4, "pad_mode": "reflect", "flip": True},
-    "cifar100": {"crop_pad": 4, "pad_mode": "reflect", "flip": True},
-    # Flipping a digit changes its meaning (2 vs 5 ...), and 1 pixel is 1/8 of the image.
-    "digits": {"crop_pad": 1, "pad_mode": "zero", "flip": False},
-    # 28x28 garments on a black background: a 2-pixel zero-padded crop (4 px on 32x32 CIFAR
-    # scaled down) and flips (a mirrored shirt is still a shirt; shoes all face one way in the
-    # originals, so a flip is a genuinely new view).
-    "fashion-mnist": {"crop_pad": 2, "pad_mode": "zero", "flip": True},
-    "synthetic": {"crop_pad": 4, "pad_mode": "reflect", "flip": True},
-}
 
 
 def derive_seed(*parts: Any) -> int:
@@ -150,21 +137,16 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
 
 
 def default_augment(name: str) -> dict[str, Any]:
-    """Default augmentation settings of a dataset: ``{"crop_pad", "pad_mode", "flip"}``.
+    """Default augmentation settings of a dataset: ``{"crop_pad", "pad_mode", "flip"}``, from
+    its registration (:mod:`auxpar.registry`).
 
     CIFAR and synthetic: 4-pixel reflect-padded random crop + horizontal flip.
     Fashion-MNIST: 2-pixel zero-padded random crop + horizontal flip.
     Digits: 1-pixel zero-padded crop, no flip (flipping changes a digit's meaning).
     """
-    _check_name(name)
-    return dict(_DEFAULT_AUGMENT[name])
+    from auxpar import registry
 
-
-def _check_name(name: str) -> None:
-    if name not in DATASET_NAMES:
-        raise ConfigError(
-            f"unknown dataset {name!r}: valid names are {', '.join(DATASET_NAMES)}"
-        )
+    return dict(registry.dataset(name).augment)
 
 
 def _check_split(split: str) -> None:
@@ -184,7 +166,7 @@ def load_dataset(
 ) -> ImageDataset:
     """Load one split of a dataset as an :class:`ImageDataset`.
 
-    ``name``: one of :data:`DATASET_NAMES`; ``split``: ``train`` or ``test``. ``data_dir`` and
+    ``name``: a registered dataset (:func:`auxpar.registry.dataset_names`); ``split``: ``train`` or ``test``. ``data_dir`` and
     ``download`` only matter for CIFAR and Fashion-MNIST (see :func:`auxpar.data.cifar.load_cifar`
     and :func:`auxpar.data.fashion.load_fashion`). ``seed`` and ``synthetic`` (a mapping with keys
     ``num_train``, ``num_test``, ``shape``, ``num_classes``) only matter for ``synthetic``;
@@ -192,24 +174,18 @@ def load_dataset(
     subset of that many training samples (see :func:`stratified_subset`); it does not change
     the test split, and 0 keeps everything.
     """
-    _check_name(name)
+    from auxpar import registry
+
+    info = registry.dataset(name)
     _check_split(split)
     if isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 0:
         raise ConfigError(
             f"data.train_subset = {train_subset!r} must be a whole number >= 0 (0 = the full training set)"
         )
-    if name in ("cifar10", "cifar100"):
-        from auxpar.data.cifar import load_cifar
-
-        ds = load_cifar(name, split, data_dir=data_dir, download=download)
-    elif name == "fashion-mnist":
-        from auxpar.data.fashion import load_fashion
-
-        ds = load_fashion(split, data_dir=data_dir, download=download)
-    elif name == "digits":
-        ds = load_digits(split)
-    else:
-        ds = load_synthetic(split, seed=seed, config=synthetic)
+    ds = info.load()(split, data_dir=data_dir, download=download, seed=seed, synthetic=synthetic)
+    if not isinstance(ds, ImageDataset):
+        raise ConfigError(f"dataset {name!r}: its loader {info.loader} returned {type(ds).__name__}, not an "
+                          "auxpar.data.ImageDataset")
     if split == "train" and train_subset:
         ds = stratified_subset(ds, train_subset)
     return ds
@@ -333,7 +309,7 @@ def _stratified_test_mask(labels: list[int], fraction: float, seed: int) -> list
     return mask
 
 
-def load_digits(split: str) -> ImageDataset:
+def load_digits(split: str, **_: Any) -> ImageDataset:
     """scikit-learn's 8x8 digits as ``uint8`` ``N x 1 x 8 x 8`` (values ``round(v * 255 / 16)``)."""
     _check_split(split)
     try:
@@ -399,14 +375,15 @@ def _synthetic_split(cfg: dict[str, Any], split: str, seed: int) -> tuple[torch.
     return images, labels
 
 
-def load_synthetic(split: str, *, seed: int = 0, config: Mapping[str, Any] | None = None) -> ImageDataset:
+def load_synthetic(split: str, *, seed: int = 0, config: Mapping[str, Any] | None = None,
+                   synthetic: Mapping[str, Any] | None = None, **_: Any) -> ImageDataset:
     """Random ``uint8`` images and random labels, deterministic given ``seed``.
 
     For benchmarks / speed only: the labels are noise, so accuracy on it means nothing.
     Train and test are drawn from different generator streams (different samples).
     """
     _check_split(split)
-    cfg = _synthetic_config(config)
+    cfg = _synthetic_config(config if config is not None else synthetic)
     train_images, train_labels = _synthetic_split(cfg, "train", seed)
     mean, std = channel_stats(train_images)
     if split == "train":

@@ -253,6 +253,7 @@ def load_fashion(
     system_dir: str | os.PathLike | None = None,
     sha256: Mapping[str, str] | None = None,
     url_base: str | None = None,
+    **_,
 ) -> ImageDataset:
     """Load a Fashion-MNIST split as an :class:`ImageDataset` (uint8 N x 1 x 28 x 28, int64 labels).
 
