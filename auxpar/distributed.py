@@ -33,7 +33,6 @@ import torch.distributed as tdist
 
 from auxpar.errors import DistributedError
 
-_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -49,10 +48,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.backend != "none"
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def env_layout() -> tuple[int, int, int, int]:
@@ -409,8 +404,3 @@ def _stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-def clear_env_for_children() -> dict:
-    """A copy of the environment without torchrun's variables (for spawning fresh single runs)."""
-    return {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}

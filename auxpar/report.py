@@ -89,7 +89,8 @@ def collect(study_dir: Path, plan: dict) -> list[dict]:
     """One record per planned run: the plan entry, status, summary and epoch records."""
     from auxpar.config import load_toml
     from auxpar.errors import ConfigError
-    from auxpar.study import config_differences, method_available
+    from auxpar.registry import method_available
+    from auxpar.settings import config_differences
 
     study_dir = Path(study_dir)
     records = []
@@ -217,7 +218,7 @@ def group_key(rec: dict) -> tuple:
 
 
 def _settings_text(settings: dict) -> str:
-    from auxpar.study import settings_text
+    from auxpar.settings import settings_text
 
     return settings_text(settings)
 

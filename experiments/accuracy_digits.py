@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from auxpar import registry
+
 CONFIG = "experiments/configs/serial-resnet20-digits.toml"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +36,7 @@ def run(spec: str, seed: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"{name}-k{k}-s{seed}"
     cmd = [sys.executable, "-m", "auxpar", "train", "--config", CONFIG, "--method", name, "--seed", str(seed),
            "--out", str(run_dir), "--overwrite", "--progress", "off", "--threads", "1"]
-    if name in ("pipeline", "penalty", "al", "mgrit"):  # one process per stage
+    if registry.method(name).layout == "stages":  # one process per stage
         cmd += ["--stages", str(k)]
     if k > 1:
         cmd += ["--nproc", str(k)]
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/accuracy-digits"))
     args = ap.parse_args()
     methods = args.methods if "serial" in args.methods else ["serial", *args.methods]
+    for m in methods:
+        registry.method(m.partition(":")[0])  # an unknown name fails now, naming the registered ones
 
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in args.seeds:  # interleave methods so machine drift hits all alike

@@ -95,7 +95,7 @@ def test_setting_tags_are_readable():
     (study(sgd={}), "unknown method 'sgd'; choose one of serial, ddp, pipeline, penalty, al, mgrit"),
     (study(penalty={}), "give the stage counts K"),
     (study(penalty={"stages": [1]}), "whole numbers >= 2"),
-    (study(serial={"stages": [2]}), "serial backprop runs in one process"),
+    (study(serial={"stages": [2]}), "--method serial runs in one process"),
     (study(penalty={"stages": [2], "stage": 3}), "unknown key 'stage'; valid keys: method, stages"),
     (study(penalty={"stages": [2], "grid": {"coupling": {"ds_factr": [1, 2]}}}),
      "unknown key coupling.ds_factr (did you mean ds_factor"),
