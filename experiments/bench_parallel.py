@@ -3,12 +3,17 @@
     python experiments/bench_parallel.py               # 3 interleaved repeats, ~3 minutes on 2 cores
     python experiments/bench_parallel.py --repeats 5 --model resnet20 --batch-size 128
 
+    python experiments/bench_parallel.py --dataset fashion-mnist --steps 8   # real 1x28x28 images
+
 1. Time per training step of the parallel phase with K = 2 processes of 1 thread each
    (``--method penalty --schedule parallel``) against serial backprop in 1 process of 1 thread,
    on the same model, batch and synthetic 3x32x32 data, with the default FLOP-balanced split and
    with the time-balanced split (``--balance time``: measured forward+backward per block).
    The first epoch of every run is warm-up and is not timed; runs of the two methods alternate
-   so that drift of a shared machine hits both alike. Prints the median ratio.
+   so that drift of a shared machine hits both alike. Prints the median ratio, and beside it the
+   machine's ceiling for 2 processes: two independent serial 1-thread runs started together,
+   each one's speed relative to a run alone, summed (2.0 on an ideal machine; shared caches,
+   memory bandwidth and clock boost make it less). A K = 2 speedup can only approach it.
 2. Bytes exchanged per parallel step (all ranks) for DS factors s = 1, 2, 4, read from the
    runs' metrics.jsonl (the difference of the cumulative counters of two epochs).
 3. Aux-store memory of the WRN-28-10 / CIFAR-100 configs at K = 4, from ``auxpar plan``.
@@ -33,16 +38,39 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(out: Path, *args: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "auxpar", "train", "--out", str(out), "--overwrite", "--progress", "off",
-           "--threads", "1", "--lr-schedule", "constant", "--lr", "0.01", *args]
+def _cmd(out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "auxpar", "train", "--out", str(out), "--overwrite", "--progress", "off",
+            "--threads", "1", "--lr-schedule", "constant", "--lr", "0.01", *args]
+
+
+def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    return env
+
+
+def _epochs(out: Path) -> list[dict]:
     with open(out / "metrics.jsonl") as fh:
         return [r for r in map(json.loads, fh) if r["kind"] == "epoch"]
+
+
+def train(out: Path, *args: str) -> list[dict]:
+    cmd = _cmd(out, *args)
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    return _epochs(out)
+
+
+def train_together(outs: list[Path], *args: str) -> list[list[dict]]:
+    """The same run started len(outs) times at once, as independent processes."""
+    procs = [subprocess.Popen(_cmd(o, *args), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for o in outs]
+    for p, o in zip(procs, outs):
+        _, err = p.communicate()
+        if p.returncode != 0:
+            sys.exit(f"failed: {' '.join(_cmd(o, *args))}\n{err[-3000:]}")
+    return [_epochs(o) for o in outs]
 
 
 def per_step_time(epochs: list[dict], steps_per_epoch: int) -> float:
@@ -57,18 +85,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per epoch")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is warm-up)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dataset", default="synthetic",
+                    help="synthetic (3x32x32, the default) or a registered dataset, e.g. fashion-mnist "
+                         "(a stratified subset of batch x steps training images)")
     args = ap.parse_args()
 
     n_train = args.batch_size * args.steps
 
     def data(epochs: int) -> list[str]:
-        return ["--dataset", "synthetic", "--model", args.model, "--batch-size", str(args.batch_size),
-                "--epochs", str(epochs), "--eval-every", str(epochs), "--no-augment",
-                "--set", f"data.synthetic_num_train={n_train}", "--set", "data.synthetic_num_test=128",
-                "--set", "data.synthetic_shape=[3, 32, 32]"]
+        common = ["--dataset", args.dataset, "--model", args.model, "--batch-size", str(args.batch_size),
+                  "--epochs", str(epochs), "--eval-every", str(epochs), "--no-augment"]
+        if args.dataset == "synthetic":
+            return common + ["--set", f"data.synthetic_num_train={n_train}", "--set", "data.synthetic_num_test=128",
+                             "--set", "data.synthetic_shape=[3, 32, 32]"]
+        return common + ["--set", f"data.train_subset={n_train}"]
 
     tmp = Path(tempfile.mkdtemp(prefix="auxpar-bench-"))
-    ratios, t_ser, t_par, ratios_t, t_part = [], [], [], [], []
+    ratios, t_ser, t_par, ratios_t, t_part, ceilings = [], [], [], [], [], []
     par = ["--method", "penalty", "--stages", "2", "--nproc", "2", "--schedule", "parallel"]
     print(f"timing {args.model}, batch {args.batch_size}, {args.steps} steps x {args.epochs - 1} timed epochs, "
           f"{args.repeats} repeats", flush=True)
@@ -76,13 +109,17 @@ def main() -> None:
         s = per_step_time(train(tmp / f"serial{r}", *data(args.epochs), "--method", "serial"), args.steps)
         p = per_step_time(train(tmp / f"par{r}", *data(args.epochs), *par), args.steps)
         pt = per_step_time(train(tmp / f"part{r}", *data(args.epochs), *par, "--balance", "time"), args.steps)
+        pair = [per_step_time(e, args.steps) for e in
+                train_together([tmp / f"pairA{r}", tmp / f"pairB{r}"], *data(args.epochs), "--method", "serial")]
+        ceilings.append(sum(s / t for t in pair))
         t_ser.append(s)
         t_par.append(p)
         t_part.append(pt)
         ratios.append(s / p)
         ratios_t.append(s / pt)
         print(f"  repeat {r + 1}: serial {s * 1e3:.0f} ms/step; parallel K=2 FLOP-balanced {p * 1e3:.0f} ms/step "
-              f"({s / p:.2f}x), time-balanced {pt * 1e3:.0f} ms/step ({s / pt:.2f}x)", flush=True)
+              f"({s / p:.2f}x), time-balanced {pt * 1e3:.0f} ms/step ({s / pt:.2f}x); two serial runs at once: "
+              f"{', '.join(f'{t * 1e3:.0f}' for t in pair)} ms/step (ceiling {ceilings[-1]:.2f}x)", flush=True)
 
     print("\nbytes exchanged per parallel step (all ranks, t down + o up):")
     comm = {}
@@ -102,13 +139,17 @@ def main() -> None:
         print(f"  s={m['ds_factor']} {m['dtype']}: penalty {m['aux_bytes'] / 2**30:6.1f} GiB, "
               f"al {m['aux_and_multiplier_bytes'] / 2**30:6.1f} GiB")
 
-    print(f"\n{args.model}, batch {args.batch_size}, synthetic 3x32x32; torch {torch.__version__}, "
+    where = "synthetic 3x32x32" if args.dataset == "synthetic" else f"{args.dataset} ({n_train}-image subset)"
+    print(f"\n{args.model}, batch {args.batch_size}, {where}; torch {torch.__version__}, "
           f"{platform.machine()} CPU, {os.cpu_count()} cores; {args.repeats} interleaved repeats; "
           f"serial {statistics.median(t_ser) * 1e3:.0f} ms/step")
     for label, rs, ts in (("FLOP-balanced", ratios, t_par), ("time-balanced", ratios_t, t_part)):
         print(f"parallel phase K=2 (2 x 1 thread, {label}) vs serial (1 x 1 thread): median speedup "
               f"{statistics.median(rs):.2f}x (min {min(rs):.2f}, max {max(rs):.2f}), "
               f"{statistics.median(ts) * 1e3:.0f} ms/step")
+    print(f"ceiling of this machine for 2 processes (two independent serial runs at once, summed speed "
+          f"relative to one alone): median {statistics.median(ceilings):.2f}x (min {min(ceilings):.2f}, "
+          f"max {max(ceilings):.2f})")
 
 
 if __name__ == "__main__":
