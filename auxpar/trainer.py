@@ -51,7 +51,7 @@ log = logging.getLogger("auxpar")
 
 def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite: bool = False, *,
           model: Any = None, data: Any = None) -> dict:
-    """Run one training job on this rank; returns the summary (on every rank).
+    """Run one training job on this rank; returns the summary summary.json holds (on every rank).
 
     ``overwrite`` (--overwrite) allows starting over in a run directory that holds checkpoints.
     ``model`` / ``data`` come from :func:`auxpar.train`: a user's network (factory function,
@@ -106,7 +106,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
     summary, state = summarize(run, t_launch, n_params, len(train_set))  # collectives: every rank
     if owner:
         write_summary(run, summary, state, arch, run_dir)
-    return summary
+    return owner_summary(info, summary, method.log_rank)
 
 
 @dataclass
@@ -489,6 +489,17 @@ def write_summary(run: Run, summary: dict, state: dict | None, arch: dict, run_d
     log.info("done: final test %s, best %s, train time %.1fs (of %.1fs wall); wrote %s",
              _pct(summary["final_test_acc"]), _pct(summary["best_test_acc"]), run.loop.train_time,
              summary["wall_time_s"], Path(run_dir) / "summary.json")
+
+
+def owner_summary(info: DistInfo, summary: dict, owner: int) -> dict:
+    """The log rank's summary (the one written to summary.json) on every rank."""
+    if not info.distributed:
+        return summary
+    import torch.distributed as tdist
+
+    box = [summary if info.rank == owner else None]
+    tdist.broadcast_object_list(box, src=owner, device=info.device if info.backend == "nccl" else None)
+    return box[0]
 
 
 def git_revision() -> str | None:
