@@ -274,9 +274,11 @@ def call_factory(
 
 
 def _what(obj: Any) -> str:
+    name = type(obj).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
     if isinstance(obj, (tuple, list)):
-        return f"a {type(obj).__name__} of {len(obj)} item(s)"
-    return f"a {type(obj).__name__}"
+        return f"{article} {name} of {len(obj)} item(s)"
+    return f"{article} {name}"
 
 
 def build_user_model(
