@@ -203,6 +203,9 @@ def _run_here(cfg, model, data, overwrite: bool, t_launch: float) -> dict:
     from auxpar import distributed as dist
     from auxpar.trainer import train as train_rank
 
+    import torch.distributed as tdist
+
+    joined_before = tdist.is_available() and tdist.is_initialized()  # the caller's group: leave it as it is
     info = dist.init(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.run.threads)
     clean = False
     try:
@@ -218,7 +221,8 @@ def _run_here(cfg, model, data, overwrite: bool, t_launch: float) -> dict:
             raise err from exc
         raise
     finally:
-        dist.shutdown(info, clean=clean)
+        if not joined_before:
+            dist.shutdown(info, clean=clean)
 
 
 # --------------------------------------------------------------------------------------- K processes
