@@ -75,8 +75,11 @@ class StagedNet(nn.Module):
 
     Attributes:
         stem: input ``(B, in_channels, S, S)`` -> first state ``(B, C0, H0, W0)``.
-        blocks: ordered residual blocks; each maps one tensor to one tensor and exposes
-            ``is_transition``, ``step``, ``residual(x)`` and ``shortcut(x)``.
+        blocks: ordered residual blocks; each maps one tensor to one tensor. That is all the
+            penalty/AL, pipeline, serial and DDP methods need. MGRIT also needs a ``step``
+            attribute the forward uses (``shortcut(x) + step * residual(x)``, see
+            :class:`ResidualBlock`); ``is_transition`` (shape-changing block) is read when
+            present and measured otherwise.
         head: last state ``(B, C, H, W)`` -> logits ``(B, num_classes)``.
         name: canonical model name, e.g. ``"resnet20"`` or ``"wrn-28-10"``.
         in_channels, input_size, num_classes: what the net was built for; ``input_size``
@@ -123,16 +126,39 @@ class StagedNet(nn.Module):
         return (self.in_channels, self.input_size, self.input_size)
 
     def transition_indices(self) -> list[int]:
-        """Global indices of the blocks that change shape (stride 2 or channel change)."""
-        return [j for j, b in enumerate(self.blocks) if getattr(b, "is_transition", False)]
+        """Global indices of the blocks that change shape (stride 2 or channel change).
+
+        A block's own ``is_transition`` decides; a block without one (a user's block) is a
+        transition when its output shape differs from its input shape (measured)."""
+        out = []
+        shapes = None
+        for j, b in enumerate(self.blocks):
+            flag = getattr(b, "is_transition", None)
+            if flag is None:
+                shapes = self.boundary_shapes() if shapes is None else shapes
+                flag = shapes[j] != shapes[j + 1]
+            if flag:
+                out.append(j)
+        return out
 
     def set_step(self, step: float) -> None:
         """Set the residual scaling h of every block (x -> shortcut(x) + h * residual(x)).
 
         ``step`` is a plain attribute, not a buffer: it is not saved in state_dict, the caller
         (e.g. the MGRIT backend) sets it from its config. h = 1.0 is the standard ResNet.
+        Every block must already have a ``step`` attribute that its forward uses (the built-in
+        blocks and :class:`ResidualBlock` do): MGRIT runs blocks at several step sizes, and a
+        block that ignored it would silently give wrong coarse-grid propagators.
         """
-        for block in self.blocks:
+        for j, block in enumerate(self.blocks):
+            if not hasattr(block, "step"):
+                raise ConfigError(
+                    f"--method mgrit runs every block as x -> shortcut(x) + h * residual(x) at several "
+                    f"step sizes h, but block {j} ({type(block).__name__}) of {self.name} has no 'step' "
+                    "attribute: subclass auxpar.ResidualBlock (define residual(x), and shortcut(x) when "
+                    "the block changes the shape), or give the block a float attribute 'step' (1.0) that "
+                    "its forward uses as shortcut(x) + step * residual(x); the other methods need only "
+                    "forward")
             block.step = float(step)
 
     # ------------------------------------------------------------------ costs and shapes
@@ -329,6 +355,149 @@ class Stage(nn.Module):
             f"index={self.index}/{self.num_stages}, block_range={self.block_range}, "
             f"in_shape={self.in_shape}, out_shape={self.out_shape}"
         )
+
+
+# ---------------------------------------------------------------------- user networks
+class ResidualBlock(nn.Module):
+    """Base class for a user's residual block: ``x -> shortcut(x) + step * residual(x)``.
+
+    Subclass it and define :meth:`residual` (and :meth:`shortcut` when the block changes the
+    shape; the default is the identity). ``step`` (h, default 1.0) is what ``--method mgrit``
+    scales on its coarse grids; with h = 1 the multiplication is skipped. Any ``nn.Module``
+    mapping one tensor to one tensor works as a block for the other methods.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step: float = 1.0
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must define residual(x)")
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.residual(x)
+        if self.step != 1.0:
+            r = self.step * r
+        return self.shortcut(x) + r
+
+
+def _describe(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+def _shape_text(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+
+
+def dry_forward(stem: nn.Module, blocks: Sequence[nn.Module], head: nn.Module, input_shape: Shape) -> int:
+    """Run a zeros batch of 2 through ``stem -> blocks -> head`` and return the number of classes.
+
+    Eval mode (BatchNorm uses and does not update its running statistics, dropout is off) under
+    ``torch.no_grad()``; every module's own training flag is restored afterwards, so the modules
+    are left exactly as they were. Raises ConfigError naming the part that does not fit.
+    """
+    parts = [("the stem", stem)] + [(f"block {j} ({_describe(b)})", b) for j, b in enumerate(blocks)]
+    parts.append(("the head", head))
+    for what, m in parts:
+        if not isinstance(m, nn.Module):
+            raise ConfigError(f"{what} must be a torch.nn.Module, got {type(m).__name__}; wrap plain "
+                              "functions in a module (e.g. nn.Flatten, or a small nn.Module subclass)")
+    tensors = [t for _, m in parts for t in (*m.parameters(), *m.buffers())]
+    ref = next((t for t in tensors if t.is_floating_point()), None)
+    kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}  # else torch's defaults
+    modes = {m: m.training for _, part in parts for m in part.modules()}
+    for _, part in parts:
+        part.eval()
+    try:
+        with torch.no_grad():
+            x = torch.zeros((2, *input_shape), **kw)
+            prev = f"the input of shape {tuple(x.shape)}"
+            for what, m in parts:
+                try:
+                    y = m(x)
+                except Exception as exc:  # noqa: BLE001 - the user's module: name it and the shape it got
+                    raise ConfigError(
+                        f"{what} cannot take {prev}: {type(exc).__name__}: {str(exc).strip()[:300]}; "
+                        "check that each part's output shape is what the next part expects") from None
+                if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != x.shape[0]:
+                    raise ConfigError(
+                        f"{what} returned {_shape_text(y)} for a batch of {x.shape[0]}: every part must "
+                        "return one tensor whose first dimension is the batch")
+                prev = f"the output of {what}, {_shape_text(y)}"
+                x = y
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if x.dim() != 2:
+        raise ConfigError(
+            f"the head must return logits of shape (batch, num_classes), but it returned {_shape_text(x)}; "
+            "end it with e.g. nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)")
+    return int(x.shape[1])
+
+
+def staged_net(
+    stem: nn.Module,
+    blocks: Sequence[nn.Module],
+    head: nn.Module,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int | None = None,
+    name: str = "custom",
+) -> StagedNet:
+    """A :class:`StagedNet` from a user's stem, residual blocks and head.
+
+    ``input_shape`` is one sample's ``(C, H, W)`` (square images, H == W). The shapes between
+    the parts and the number of classes are measured by one forward of a zeros batch of 2 in
+    eval mode (running statistics untouched, see :func:`dry_forward`); ``num_classes``, when
+    given, must match the head's output. Errors name the part that does not fit and the shape it
+    was given. The modules are used as they are (no copy, no re-initialization).
+    """
+    shape = _check_input_shape(input_shape)
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise ConfigError(f"blocks must be a list of residual blocks, got one {type(blocks).__name__}; "
+                          "pass [block] for a single block")
+    try:
+        blocks = list(blocks)
+    except TypeError:
+        raise ConfigError(f"blocks must be a list of nn.Module residual blocks, got {type(blocks).__name__}") from None
+    if not blocks:
+        raise ConfigError("blocks is empty: a staged network needs at least one block (one per stage at least)")
+    classes = dry_forward(stem, blocks, head, shape)
+    if num_classes is not None and int(num_classes) != classes:
+        raise ConfigError(f"the head returns {classes} logits per sample but num_classes = {num_classes}; "
+                          f"give the head's last layer {num_classes} outputs")
+    return StagedNet(stem, blocks, head, name=name, in_channels=shape[0], input_size=shape[1],
+                     num_classes=classes)
+
+
+def _check_input_shape(input_shape) -> Shape:
+    try:
+        shape = tuple(int(v) for v in input_shape)
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) != 3 or any(v < 1 for v in shape):
+        raise ConfigError(f"input_shape = {input_shape!r} must be one sample's (channels, height, width), "
+                          "e.g. (1, 8, 8) for digits or (3, 32, 32) for CIFAR")
+    if shape[1] != shape[2]:
+        raise ConfigError(f"input_shape = {shape}: auxpar models take square images (height == width); "
+                          "pad or crop the images to a square")
+    return shape
+
+
+def check_staged_net(net: StagedNet, in_channels: int, input_size: int, num_classes: int, source: str) -> StagedNet:
+    """Check that a user's StagedNet fits the data (``source`` names where it came from)."""
+    if (net.in_channels, net.input_size) != (in_channels, input_size):
+        raise ConfigError(
+            f"{source} was built for inputs {net.input_shape} but the data has {(in_channels, input_size, input_size)}; "
+            "build it with the data's in_channels and input_size")
+    classes = dry_forward(net.stem, list(net.blocks), net.head, net.input_shape)
+    if classes != num_classes or net.num_classes != num_classes:
+        raise ConfigError(f"{source} returns {classes} logits per sample but the data has {num_classes} "
+                          "classes; give the head's last layer that many outputs")
+    return net
 
 
 # ---------------------------------------------------------------------- splitting
