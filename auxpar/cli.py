@@ -64,7 +64,8 @@ def _split_arg(text: str) -> list[int]:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="TOML config; flags override it")
-    p.add_argument("--model", help="resnet20|32|44|56|110, preact-resnet<6n+2>, wrn-<6n+4>-<k>")
+    p.add_argument("--model", help="resnet20|32|44|56|110, preact-resnet<6n+2>, wrn-<6n+4>-<k>, or your own "
+                                   "network as package.module:factory")
     p.add_argument("--dataset", choices=registry.dataset_names())
     p.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first: it registers methods or datasets (auxpar.registry); repeatable, "

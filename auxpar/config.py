@@ -112,7 +112,8 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet20"
-    """resnet<6n+2>, preact-resnet<6n+2>, wrn-<6n+4>-<k> (e.g. resnet56, wrn-28-10)."""
+    """resnet<6n+2>, preact-resnet<6n+2>, wrn-<6n+4>-<k> (e.g. resnet56, wrn-28-10), or your own
+    network as package.module:factory (README, "Your own network and data")."""
     dropout: float = 0.0
     """Dropout between the convolutions of WRN blocks (WRN only)."""
     norm: str = "bn"
@@ -447,7 +448,8 @@ class Config:
     def run_dir(self) -> Path:
         if self.run.out:
             return Path(self.run.out)
-        return Path("runs") / f"{self.run.method}-{self.model.name}-{self.data.dataset}-s{self.run.seed}"
+        model = self.model.name.replace(":", "-").replace("/", "-")  # a package.module:factory model
+        return Path("runs") / f"{self.run.method}-{model}-{self.data.dataset}-s{self.run.seed}"
 
 
 # --------------------------------------------------------------------------- loading

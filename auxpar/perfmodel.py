@@ -855,7 +855,8 @@ def run(args) -> int:
     if args.epochs is not None:
         over.setdefault("run", {})["epochs"] = args.epochs
     cfg = build_config({}, over, source="model-perf")
-    parse_model_name(cfg.model.name)
+    if ":" not in cfg.model.name:  # package.module:factory is checked when it is built
+        parse_model_name(cfg.model.name)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in registry.method_names()]
     if bad or not methods:
