@@ -131,9 +131,9 @@ def test_overflow_skips_the_step_without_error_and_backs_off():
     p.grad = amp.scale(torch.tensor([1.0, float("inf"), 1.0]))
     overflow = amp.unscale_(opt)
     assert overflow.dim() == 0 and overflow.item() == 1.0
-    handle = m.guard_post(torch.tensor(0.3), overflow=overflow)
+    handle = m.guard.post(torch.tensor(0.3), overflow=overflow)
     assert handle[0].numel() == 2  # 2W flags: W loss flags, then W overflow flags
-    ok = m.guard_wait(handle)  # no TrainingError: an fp16 overflow is not a NaN loss
+    ok = m.guard.wait(handle)  # no TrainingError: an fp16 overflow is not a NaN loss
     assert ok is False and m.amp.overflow_steps == 1 and m.skipped_steps == 0
     amp.step(opt, ok)
     amp.update(skipped=not ok)
@@ -142,7 +142,7 @@ def test_overflow_skips_the_step_without_error_and_backs_off():
     p.grad = amp.scale(torch.tensor([1.0, 2.0, 3.0]))
     overflow = amp.unscale_(opt)
     assert overflow.item() == 0.0 and torch.equal(p.grad, torch.tensor([1.0, 2.0, 3.0]))
-    ok = m.guard_wait(m.guard_post(torch.tensor(0.3), overflow=overflow))
+    ok = m.guard.wait(m.guard.post(torch.tensor(0.3), overflow=overflow))
     amp.step(opt, ok)
     amp.update(skipped=not ok)
     assert ok and torch.allclose(p.detach(), torch.tensor([0.9, 0.8, 0.7]))
@@ -158,12 +158,12 @@ def test_overflow_skips_the_step_without_error_and_backs_off():
     amp.update(skipped=True)
     # A non-finite *loss* keeps run.on_nan: stop raises, even with an overflow flag alongside.
     with pytest.raises(TrainingError, match="non-finite loss"):
-        m.guard_wait(m.guard_post(torch.tensor(float("nan")), overflow=torch.tensor(1.0)))
+        m.guard.wait(m.guard.post(torch.tensor(float("nan")), overflow=torch.tensor(1.0)))
     # Under --on-nan off the loss is not checked, but an overflow still skips every rank.
     m.cfg.run.on_nan = "off"
-    assert m.guard_post(torch.tensor(float("nan"))) is None
-    assert m.guard_wait(m.guard_post(torch.tensor(float("nan")), overflow=torch.tensor(0.0)))
-    assert not m.guard_wait(m.guard_post(torch.tensor(1.0), overflow=torch.tensor(1.0)))
+    assert m.guard.post(torch.tensor(float("nan"))) is None
+    assert m.guard.wait(m.guard.post(torch.tensor(float("nan")), overflow=torch.tensor(0.0)))
+    assert not m.guard.wait(m.guard.post(torch.tensor(1.0), overflow=torch.tensor(1.0)))
 
 
 def _guard_ranks(rank, world):
@@ -172,7 +172,7 @@ def _guard_ranks(rank, world):
     info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo")
     m = _OneRank(cfg, info, torch.nn.Linear(2, 2))
     ov = torch.tensor(1.0 if rank == 1 else 0.0)
-    ok = m.guard_wait(m.guard_post(torch.tensor(0.5), overflow=ov))
+    ok = m.guard.wait(m.guard.post(torch.tensor(0.5), overflow=ov))
     m.amp.update(skipped=not ok)
     return {"ok": ok, "scale": m.amp.get_scale()}
 

@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 
 from auxpar.config import Config
+from auxpar.coupling.guard import NanGuard
 from auxpar.distributed import DistInfo
 from auxpar.precision import Precision
 
@@ -34,7 +35,16 @@ class StepOut:
 
 
 class Method:
-    """Base class; see :class:`auxpar.coupling.serial.SerialMethod` for the smallest example."""
+    """The hooks the trainer calls; see :class:`auxpar.coupling.serial.SerialMethod` for the smallest example.
+
+    Services a method *has* (composed, not inherited): ``self.amp`` (mixed precision,
+    :mod:`auxpar.precision`), ``self.guard`` (the cross-rank NaN guard and the BN snapshot it
+    restores, :mod:`auxpar.coupling.guard`), and, for methods with stages, a ``Clock``
+    (:mod:`auxpar.timing`) and the ``P2P`` primitive that counts the bytes it sends
+    (:mod:`auxpar.coupling.comm`). Gradient clipping and the optimizer are
+    :mod:`auxpar.coupling.optim`. What every staged method does alike (layer-serial evaluation,
+    the model.pt gather, the epoch-end barrier) is :class:`auxpar.coupling.stages.StagedMethod`.
+    """
 
     name = "base"
     log_rank = 0
@@ -44,117 +54,51 @@ class Method:
 
     def __init__(self, cfg: Config, info: DistInfo, net: torch.nn.Module):
         self.cfg, self.info, self.net = cfg, info, net
-        self.step_index = 0
-        """Global step number (1-based) of the step being run; set by the trainer before each step."""
-        self.poison = False
-        """Fault injection (AUXPAR_FAULT=nan:RANK:STEP): the trainer sets it for one step on one rank;
-        :meth:`finite_guard` then sees a NaN loss on this rank."""
-        self.skipped_steps = 0
-        """Steps dropped by ``--on-nan skip``."""
         self.amp = Precision(cfg, info.device)
         """Mixed precision / channels_last service (autocast, fp16 loss scaling); see
         :mod:`auxpar.precision` for the call sequence of a step."""
+        self.guard = NanGuard(cfg, info, self.amp, self.stage_name)
+        """The NaN guard (post / wait / check) and the BN buffer snapshot; see :mod:`auxpar.coupling.guard`."""
+        self.opt: torch.optim.Optimizer | None = None
+        """This rank's optimizer (the subclass builds it); :meth:`set_lr` drives it."""
 
-    # -- failure handling ---------------------------------------------------------------
-    def stage_name(self, rank: int) -> str:
-        """What ``rank`` computes, for error messages (e.g. 'stage 2 of 4 (blocks 5-7)')."""
-        return "the whole network"
+    # -- what the trainer sets and reads around a step (kept by the guard) ------------------
+    @property
+    def step_index(self) -> int:
+        """Global step number (1-based) of the step being run; set by the trainer before each step."""
+        return self.guard.step_index
 
-    def snapshot_buffers(self, module: torch.nn.Module) -> None:
-        """Call at the start of a step: remember ``module``'s buffers (BN running statistics), so
-        that a step the guard rejects leaves them as they were too (a NaN forward would otherwise
-        poison them). One fused copy into preallocated storage; buffers are small."""
-        bufs = list(module.buffers())
-        saved = getattr(self, "_buf_saved", None)
-        if saved is None or len(saved[1]) != len(bufs) or saved[0] is not module:
-            self._buf_saved = (module, [b.detach().clone() for b in bufs])
-        elif bufs:
-            torch._foreach_copy_(self._buf_saved[1], [b.detach() for b in bufs])
+    @step_index.setter
+    def step_index(self, value: int) -> None:
+        self.guard.step_index = value
 
-    def _restore_buffers(self) -> None:
-        saved = getattr(self, "_buf_saved", None)
-        if saved is not None and saved[1]:
-            with torch.no_grad():
-                torch._foreach_copy_([b for b in saved[0].buffers()], saved[1])
+    @property
+    def poison(self) -> bool:
+        """Fault injection (AUXPAR_FAULT=nan:RANK:STEP): the trainer sets it for one step on one
+        rank; the guard then sees a NaN loss on this rank."""
+        return self.guard.poison
 
-    def finite_guard(self, *losses: torch.Tensor) -> bool:
-        """Call before the optimizer step (and before any other state update of the step).
+    @poison.setter
+    def poison(self, value: bool) -> None:
+        self.guard.poison = value
 
-        Combines the finiteness of this rank's losses with every other rank's (one all-reduce
-        over the whole job, one host read). Returns True when every rank's losses are finite.
-        Otherwise, with ``run.on_nan = stop`` it raises one TrainingError (the same on every
-        rank) naming the rank(s), their stage and the step; with ``skip`` it returns False and
-        the method must drop this step (no optimizer step, no aux/multiplier update).
-        ``finite_guard(x)`` is ``guard_wait(guard_post(x))``; post as soon as the loss exists
-        and wait right before the step, so the all-reduce overlaps the backward pass.
-        """
-        return self.guard_wait(self.guard_post(*losses))
+    @property
+    def skipped_steps(self) -> int:
+        """Steps dropped by ``--on-nan skip``."""
+        return self.guard.skipped_steps
 
-    def guard_post(self, *losses: torch.Tensor, overflow: torch.Tensor | None = None):
-        """Start the guard's all-reduce for this rank's losses (asynchronous); see finite_guard.
-
-        ``overflow``: this rank's fp16 overflow flag (``self.amp.unscale_(opt)``), or None. With
-        one, the all-reduce carries 2W flags (W loss flags, then W overflow flags) and is posted
-        even under ``--on-nan off``: an overflow anywhere skips the step on every rank."""
-        import torch.distributed as tdist
-
-        info = self.info
-        if self.cfg.run.on_nan == "off" and not self.poison and overflow is None:
-            return None
-        W = info.world_size
-        bad = torch.zeros(W if overflow is None else 2 * W, dtype=torch.float32, device=info.device)
-        if self.cfg.run.on_nan != "off":
-            vals = [torch.as_tensor(v, device=info.device).detach().float().reshape(-1) for v in losses]
-            if vals:
-                bad[info.rank] = (~torch.isfinite(torch.cat(vals))).any().float()
-        if self.poison:
-            bad[info.rank] = 1.0
-        if overflow is not None:
-            bad[W + info.rank] = overflow.detach().float().reshape(())
-        work = tdist.all_reduce(bad, async_op=True) if info.distributed else None
-        return bad, work
-
-    def guard_wait(self, handle) -> bool:
-        """Finish a :meth:`guard_post`; True when every rank's losses were finite."""
-        from auxpar.errors import TrainingError
-
-        if handle is None:
-            return True
-        bad, work = handle
-        if work is not None:
-            work.wait()
-        flags = bad.tolist()  # the one host read of the guard
-        W = self.info.world_size
-        ranks = [r for r, f in enumerate(flags[:W]) if f > 0]
-        if not ranks:
-            if any(f > 0 for f in flags[W:]):
-                # fp16 overflow on some rank: every rank skips this step (no error; the scale backs off)
-                self.amp.overflow_steps += 1
-                return False
-            return True
-        where = "; ".join(f"rank {r} ({self.stage_name(r)})" for r in ranks)
-        self._restore_buffers()
-        if self.cfg.run.on_nan == "skip":
-            self.skipped_steps += 1
-            return False
-        err = TrainingError(
-            f"non-finite loss at step {self.step_index} on {where}: every rank stopped before the "
-            f"optimizer step, so the parameters are those of step {self.step_index - 1} and the last "
-            f"checkpoint is intact. Lower the learning rate (now --lr {self.cfg.optim.lr}), clip gradients "
-            "(--set optim.grad_clip=1.0), or pass --on-nan skip to drop such steps"
-        )
-        err.same_on_every_rank = True
-        raise err
-
-    def step_metrics(self) -> dict:
-        """Per-step record fields (e.g. MGRIT iterations and residual norms). When non-empty the
-        trainer writes a step record every step with these fields; keep it cheap."""
-        return {}
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.guard.skipped_steps = value
 
     # -- layout -------------------------------------------------------------------------
     @classmethod
     def check_layout(cls, cfg: Config, info: DistInfo) -> None:
         """Raise DistributedError when the world size does not fit this method and config."""
+
+    def stage_name(self, rank: int) -> str:
+        """What ``rank`` computes, for error messages (e.g. 'stage 2 of 4 (blocks 5-7)')."""
+        return "the whole network"
 
     def sampler_layout(self) -> tuple[int, int]:
         """(num_replicas, replica_rank) for the training sampler."""
@@ -182,7 +126,9 @@ class Method:
 
     # -- training -----------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
-        raise NotImplementedError
+        """Set the learning rate of every parameter group of ``self.opt``."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
 
     def train_step(self, batch, phase: str, next_idx=None) -> StepOut:
         """One step on ``batch``; ``next_idx`` (sample ids of the next batch of this epoch, or None)
@@ -199,6 +145,11 @@ class Method:
         """(loss_sum, correct, count) over ``batches`` on this rank."""
         raise NotImplementedError
 
+    def step_metrics(self) -> dict:
+        """Per-step record fields (e.g. MGRIT iterations and residual norms). When non-empty the
+        trainer writes a step record every step with these fields; keep it cheap."""
+        return {}
+
     # -- accounting and state -----------------------------------------------------------
     def comm_bytes(self) -> int:
         """Bytes this rank sent to other ranks so far."""
@@ -213,16 +164,9 @@ class Method:
         return {}
 
     def model_state(self) -> dict | None:
-        """The whole network's state_dict on ``log_rank`` (None elsewhere), for model.pt / export."""
-        raise NotImplementedError
-
-    def epoch_state(self) -> dict | None:
-        """Within-epoch state a mid-epoch checkpoint needs (e.g. step counter and epoch
-        accumulators that begin_epoch resets); tensors and plain containers only."""
-        return None
-
-    def load_epoch_state(self, state: dict | None) -> None:
-        """Restore :meth:`epoch_state` after ``begin_epoch`` of a resumed, interrupted epoch."""
+        """The whole network's state_dict on ``log_rank`` (None elsewhere), for model.pt / export.
+        A collective where the network is split over ranks. Default: one rank holds it all."""
+        return self.local_model_state() if self.info.rank == self.log_rank else None
 
     def local_model_state(self) -> dict:
         """This rank's share of the whole network's state_dict, with the whole network's key
@@ -238,3 +182,11 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
+
+    def epoch_state(self) -> dict | None:
+        """Within-epoch state a mid-epoch checkpoint needs (e.g. step counter and epoch
+        accumulators that begin_epoch resets); tensors and plain containers only."""
+        return None
+
+    def load_epoch_state(self, state: dict | None) -> None:
+        """Restore :meth:`epoch_state` after ``begin_epoch`` of a resumed, interrupted epoch."""

@@ -21,6 +21,9 @@ Definitions and deviations from algorithms.md, all deliberate:
   BatchNorm in train mode (batch statistics, as in training; running statistics are updated
   as in a training forward), dropout off. The input of stage k is U of the *stored* (rounded)
   z, so the residuals are exactly 0 right after a re-initialization, in any storage dtype.
+* Clipping (``optim.grad_clip``): the global 2-norm of the concatenation of every stage's
+  gradient of its own local objective (penalty or CE), one float64 all-reduce over the K ranks
+  after the guard, in both phases (auxpar/coupling/optim.py); not a per-stage norm.
 
 BatchNorm: every stage keeps its own BN layers. Parallel phase: stage k normalizes with the
 batch statistics of its own input (x or U(z_k)) and updates its running statistics from it.
@@ -31,18 +34,18 @@ data. Evaluation: running statistics (eval mode), layer-serial through all stage
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 import torch.nn.functional as F
 
 from auxpar.coupling.aux_store import DTYPES, AuxStore
-from auxpar.coupling.base import Method, StepOut
+from auxpar.coupling.base import StepOut
 from auxpar.coupling.comm import P2P
 from auxpar.coupling.ds import DSFilter
-from auxpar.coupling.serial import make_sgd
-from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate, stage_layouts
-from auxpar.distributed import all_reduce_, barrier
+from auxpar.coupling.stages import StagedMethod
+from auxpar.distributed import all_reduce_
 from auxpar.errors import DistributedError
 from auxpar.schedule import beta_at, parse_phases, phase_at
 from auxpar.timing import Clock, sync
@@ -101,7 +104,7 @@ class LayerSerialExecutor:
         m, p2p, clock, amp, k, K = self.m, self.m.p2p, self.m.clock, self.m.amp, self.m.k, self.m.K
         b = batch.y.numel()
         m.stage.train()
-        m.snapshot_buffers(m.stage)
+        m.guard.snapshot(m.stage)
         # Messages with each neighbour, in order: activation k -> k+1, then gradient k+1 -> k.
         # Both travel as true fp32 values (no autocast dtype, no loss scale on the wire).
         if k == 0:
@@ -134,7 +137,7 @@ class LayerSerialExecutor:
         # checks its loss, the others their output, so the first rank named is where it started.
         check = loss if k == K - 1 else out.detach().float().sum()
         overflow = amp.unscale_(m.opt)  # fp16: this rank's overflow flag; else None
-        ok = m.guard_wait(m.guard_post(check, overflow=overflow))
+        ok = m.guard.wait(m.guard.post(check, overflow=overflow))
         if ok:
             with clock.section("compute"):
                 m.clip_and_step()
@@ -142,7 +145,7 @@ class LayerSerialExecutor:
         return StepOut(loss, correct, b)
 
 
-class LayerParallelMethod(Method):
+class LayerParallelMethod(StagedMethod):
     name = "penalty"
     multipliers = False
 
@@ -155,14 +158,9 @@ class LayerParallelMethod(Method):
         stages = net.partition(self.K, cfg.dist.split or None)
         for s in stages[:-1]:  # every rank checks every boundary, so all ranks fail alike
             DSFilter(s.out_shape, c.ds_factor, c.ds_mode, c.upsample, where=f"boundary {s.index + 1}")
-        self.layouts = stage_layouts(stages)  # every stage's tensors, for the model.pt gather
-        self.stage = self.amp.module(stages[self.k].to(self.device))
-        self.block_range = self.stage.block_range
-        self.net = None
-        self.opt = make_sgd(self.stage.parameters(), cfg)
+        self.keep_stage(stages)
         self.clock = Clock(self.device)
         self.p2p = P2P(info.rank, self.device, info.backend, clock=self.clock)
-        self.log_rank = self.K - 1  # the last stage owns the loss and the accuracy
         self.send_dtype = DTYPES[c.aux_dtype]
         self.ds_in = (DSFilter(self.stage.in_shape, c.ds_factor, c.ds_mode, c.upsample,
                                where=f"boundary {self.k} (input of stage {self.k})") if self.k > 0 else None)
@@ -228,13 +226,6 @@ class LayerParallelMethod(Method):
             self.stale = True  # the parameters move: the states no longer match F
         return spent
 
-    def end_epoch(self, epoch):
-        self.p2p.reap(block=True)
-        super().end_epoch(epoch)
-        # One barrier per epoch: the epoch ends when the slowest stage has finished, so the
-        # epoch time the last rank reports is the job's, not the fastest rank's.
-        barrier(self.info)
-
     # per-element beta of the boundary this rank reads (in) and the one it writes (out)
     @property
     def beta_in(self) -> float:
@@ -283,15 +274,6 @@ class LayerParallelMethod(Method):
         self.stale = False
 
     # ---- training steps -------------------------------------------------------------------
-    def set_lr(self, lr):
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-
-    def clip_and_step(self) -> None:
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.stage.parameters(), self.cfg.optim.grad_clip)
-        self.opt.step()
-
     def train_step(self, batch, phase, next_idx=None):
         if phase == "serial":
             return self.executor.train_step(batch)
@@ -303,6 +285,77 @@ class LayerParallelMethod(Method):
     #   O(j): output o_{k+1}[B_j] = D(F_k(.)) up to k+1, o_k[B_j] from k-1  (after the forward)
     # so every rank issues ... T(j+1), O(j), guard(j), T(j+2), O(j+1), guard(j+1) ... and two
     # neighbours always agree on the n-th message between them (NCCL matches in issue order).
+    # With optim.grad_clip > 0 the clip's all-reduce follows the guard on every rank.
+    def _parallel_step(self, batch, next_idx) -> StepOut:
+        """One parallel-phase step on rank k for the batch ids B (the data flow of the module
+        docstring). Time: this rank's own work is timed as ``compute`` (``with compute()``);
+        posting and waiting for messages are timed by the P2P primitive (``comm``, ``wait``)."""
+        j, k, K, amp, guard, p2p = self._j, self.k, self.K, self.amp, self.guard, self.p2p
+        compute = functools.partial(self.clock.section, "compute")
+        B, b = batch.idx, batch.y.numel()
+
+        # T(j+1): the next batch's targets, posted now so they arrive during this step's compute
+        if j not in self._posted:  # (T(j) was posted by the previous step, except at the first)
+            self._post_targets(B, j)
+        if next_idx is not None:
+            self._post_targets(next_idx, j + 1)
+        rec = self._posted.pop(j)
+
+        # forward: input = x[B] (k = 0) or U(z_k[B]); out = F_k(input); o_{k+1} = D(out)
+        with compute():
+            self.stage.train()
+            guard.snapshot(self.stage)  # BN running stats come back if the guard rejects the step
+            zb = batch.x if k == 0 else rec["z"].requires_grad_(True)  # N x C x H/s x W/s, fp32
+            inp = zb if k == 0 else self.ds_in.up(zb)
+            with amp.autocast():
+                out = self.stage(amp.input(inp)).float()
+            o = self.ds_out.down(out) if k < K - 1 else None  # N x C' x H'/s x W'/s
+
+        # O(j): our output o_{k+1}[B] up, the output o_k[B] of the stage below (for the aux update) in
+        up = [(amp.wire(o, self.send_dtype), k + 1)] if o is not None else []
+        down = [((b, *self.ds_in.shape), self.send_dtype, k - 1)] if k > 0 else []
+        out_ex = p2p.keep(p2p.exchange(up, down))
+        t = rec["T"].wait()[0] if k < K - 1 else None  # t_{k+1}[B] from the stage above
+
+        # local loss and backward. Every stage's loss is checked across all ranks before any
+        # update; the guard's all-reduce runs during the backward pass (under fp16 after it,
+        # with the overflow flag: see precision.py).
+        with compute():
+            if k < K - 1:
+                sq = (o.float() - t.float()).pow(2).flatten(1).sum(1)  # per-sample ||o - t||^2
+                loss = 0.5 * self.beta_out * sq.mean()
+                correct = torch.zeros((), dtype=torch.long, device=self.device)
+            else:
+                loss = F.cross_entropy(out, batch.y)
+                correct = (out.detach().argmax(1) == batch.y).sum()
+            handle = None if amp.scaling else guard.post(loss)
+            self.opt.zero_grad(set_to_none=True)
+            amp.scale(loss).backward()
+            # per-sample, sum-reduced input gradient of this stage's own loss (unscaled before unscale_)
+            g = amp.unscale_tensor(zb.grad) * b if k > 0 else None
+            overflow = amp.unscale_(self.opt)
+            if amp.scaling:
+                handle = guard.post(loss, overflow=overflow)
+        ok = guard.wait(handle)  # the same verdict on every rank (or TrainingError on every rank)
+
+        # optimizer step, then the aux (and multiplier) update of z_k[B] with o_k[B]
+        if ok:
+            with compute():
+                self.clip_and_step()
+        amp.update(skipped=not ok)
+        o_below = out_ex.wait()[0] if k > 0 else None
+        if ok and k > 0:
+            with compute():
+                self._update_aux(B, zb.detach(), o_below.float(), g, rec["mu"])
+
+        acc = self._epoch_acc  # (residuals are summed in _update_aux)
+        if k < K - 1:
+            acc["penalty"] += loss.detach()
+        acc["steps"] += 1
+        p2p.reap()
+        self._j += 1
+        return StepOut(loss.detach(), correct, b)
+
     def _post_targets(self, idx: torch.Tensor, j: int) -> None:
         """Post T(j): send t_k[B_j] down, receive t_{k+1}[B_j] from above."""
         b = idx.numel()
@@ -320,71 +373,6 @@ class LayerParallelMethod(Method):
         rec["T"] = self.p2p.keep(self.p2p.exchange(sends, recvs))  # kept: its send must finish by epoch end
         self._posted[j] = rec
 
-    def _parallel_step(self, batch, next_idx):
-        j, k, K, p2p, clock = self._j, self.k, self.K, self.p2p, self.clock
-        b = batch.y.numel()
-        if j not in self._posted:
-            self._post_targets(batch.idx, j)
-        if next_idx is not None:
-            self._post_targets(next_idx, j + 1)  # early: t for the next batch arrives during this compute
-        rec = self._posted.pop(j)
-        acc = self._epoch_acc
-        amp = self.amp
-        tok = clock.start()
-        self.stage.train()
-        self.snapshot_buffers(self.stage)
-        if k == 0:
-            inp = zb = batch.x
-        else:
-            zb = rec["z"].requires_grad_(True)  # N x C x H/s x W/s, fp32
-            inp = self.ds_in.up(zb)
-        with amp.autocast():
-            out = self.stage(amp.input(inp)).float()
-        o = self.ds_out.down(out) if k < K - 1 else None  # N x C' x H'/s x W'/s
-        clock.stop("compute", tok)
-
-        # O(j): our output up, the output of the stage below (for the aux update) in.
-        up = [(amp.wire(o, self.send_dtype), k + 1)] if o is not None else []
-        down = [((b, *self.ds_in.shape), self.send_dtype, k - 1)] if k > 0 else []
-        out_ex = p2p.keep(p2p.exchange(up, down))
-
-        if k < K - 1:
-            tbuf = rec["T"].wait()[0]
-            tok = clock.start()
-            sq = (o.float() - tbuf.float()).pow(2).flatten(1).sum(1)  # per-sample ||o - t||^2
-            loss = 0.5 * self.beta_out * sq.mean()
-            correct = torch.zeros((), dtype=torch.long, device=self.device)
-            acc["penalty"] += loss.detach()
-        else:
-            tok = clock.start()
-            loss = F.cross_entropy(out, batch.y)
-            correct = (out.detach().argmax(1) == batch.y).sum()
-        # Every stage's loss (penalty or CE) is checked across all ranks before any update; the
-        # check's all-reduce runs during the backward pass (under fp16 after it: see precision.py).
-        guard = None if amp.scaling else self.guard_post(loss)
-        self.opt.zero_grad(set_to_none=True)
-        amp.scale(loss).backward()
-        # per-sample, sum-reduced input gradient of this stage's own loss (unscaled before unscale_)
-        g = amp.unscale_tensor(zb.grad) * b if k > 0 else None
-        overflow = amp.unscale_(self.opt)
-        if amp.scaling:
-            guard = self.guard_post(loss, overflow=overflow)
-        clock.stop("compute", tok)
-        ok = self.guard_wait(guard)
-        if ok:
-            with clock.section("compute"):
-                self.clip_and_step()
-        amp.update(skipped=not ok)
-        acc["steps"] += 1
-        if k > 0:
-            obuf = out_ex.wait()[0]
-            if ok:
-                with clock.section("compute"):
-                    self._update_aux(batch.idx, zb.detach(), obuf.float(), g, rec["mu"])
-        p2p.reap()
-        self._j += 1
-        return StepOut(loss.detach(), correct, b)
-
     @torch.no_grad()
     def _update_aux(self, idx, z, o, g, mu) -> None:
         """Aux-state and multiplier update at boundary k for the samples idx (algorithms.md §3)."""
@@ -398,19 +386,10 @@ class LayerParallelMethod(Method):
         if mu_new is not None:
             self.store.put_mu(idx, mu_new)
 
-    # ---- evaluation: layer-serial forward, no DS, running BN statistics ---------------------
-    def evaluate(self, batches):
-        return layer_serial_evaluate(self.stage, self.p2p, self.k == 0, self.k == self.K - 1, self.k - 1,
-                                     self.k + 1, batches, self.device)
-
     # ---- accounting -----------------------------------------------------------------------
     def _zero_acc(self) -> dict:
         z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
         return {"residual": z(), "samples": 0, "penalty": z(), "steps": 0}
-
-    def comm_bytes(self):
-        """Training traffic (parallel steps, re-initialization, serial phase); evaluation apart."""
-        return self.p2p.bytes_sent
 
     def epoch_metrics(self) -> dict:
         """Per-boundary and per-rank numbers of the epoch (a collective: every rank calls it)."""
@@ -446,51 +425,26 @@ class LayerParallelMethod(Method):
         return {
             "aux_store_bytes": int(t.item()), "ds_factor": self.cfg.coupling.ds_factor,
             "rho": self.cfg.coupling.rho, "final_beta": self.beta, "schedule": self.cfg.coupling.schedule,
-            "serial_executor": self.executor.name, "eval_comm_bytes": self._eval_bytes_total(),
+            "serial_executor": self.executor.name, "eval_comm_bytes": self.eval_bytes_total(),
             "time_compute_s": m["time_compute_s"], "time_comm_s": m["time_comm_s"],
             "time_wait_s": m["time_wait_s"],
         }
 
-    def _eval_bytes_total(self) -> int:
-        t = torch.tensor([float(self.p2p.bytes_sent_eval)], dtype=torch.float64, device=self.device)
-        all_reduce_(self.info, t)
-        return int(t.item())
-
     # ---- state ----------------------------------------------------------------------------
-    def model_state(self):
-        """Gather every stage's tensors on the last rank (p2p, tensors only) as one state_dict."""
-        mine = global_stage_state(self.stage, self.block_range[0], self.device)  # sent from the device
-        return gather_state(self.p2p, mine, self.k, self.log_rank, {r: self.layouts[r] for r in range(self.K - 1)})
-
     def stage_name(self, rank: int) -> str:
         return f"stage {rank} of {self.K}" + (" (the loss)" if rank == self.K - 1 else "")
 
-    def local_model_state(self):
-        return global_stage_state(self.stage, self.block_range[0])
-
     def state_dict(self):
-        """Stage, optimizer, beta, aux states and multipliers (in their storage dtype: a bf16
-        store checkpoints at half the fp32 size), and the accounting counters."""
-        p2p = self.p2p
-        return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(), "beta": self.beta,
-                "amp": self.amp.state_dict(),
-                "stale": self.stale, "aux": self.store.state_dict() if self.store is not None else None,
-                "skipped_steps": self.skipped_steps,
-                "counters": {"bytes_sent": p2p.bytes_sent, "bytes_sent_eval": p2p.bytes_sent_eval,
-                             **self.clock.state_dict()}}
+        """The stage's state (stages.StagedMethod), beta, and the aux states and multipliers (in
+        their storage dtype: a bf16 store checkpoints at half the fp32 size)."""
+        return {**super().state_dict(), "beta": self.beta, "stale": self.stale,
+                "aux": self.store.state_dict() if self.store is not None else None}
 
     def load_state_dict(self, state):
-        self.stage.load_state_dict(state["stage"])
-        self.opt.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.beta, self.stale = state["beta"], state["stale"]
-        self.amp.load_state_dict(state.get("amp"))
         if self.store is not None and state.get("aux") is not None:
             self.store.load_state_dict(state["aux"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        c = state.get("counters") or {}
-        p2p = self.p2p
-        p2p.bytes_sent, p2p.bytes_sent_eval = int(c.get("bytes_sent", 0)), int(c.get("bytes_sent_eval", 0))
-        self.clock.load_state_dict(c)
 
     def epoch_state(self):
         return {"j": self._j, "acc": dict(self._epoch_acc)}

@@ -55,11 +55,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from auxpar.coupling.base import Method, StepOut
+from auxpar.coupling.base import StepOut
 from auxpar.coupling.comm import P2P
-from auxpar.coupling.serial import make_sgd
-from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate, stage_layouts
-from auxpar.distributed import barrier
+from auxpar.coupling.stages import StagedMethod
 from auxpar.errors import ConfigError, DistributedError
 from auxpar.mgrit.grid import build_hierarchy, level_views, mgrit_split
 from auxpar.mgrit.mesh import ChainComm, Mesh
@@ -83,7 +81,7 @@ class _AmpBlocks(StageBlocks):
         return y.float()
 
 
-class MgritMethod(Method):
+class MgritMethod(StagedMethod):
     name = "mgrit"
 
     def __init__(self, cfg, info, net):
@@ -98,7 +96,6 @@ class MgritMethod(Method):
         self.mesh = Mesh(info, self.K, self.dp)
         self.k, self.d = self.mesh.k, self.mesh.d
         self.device = info.device
-        self.log_rank = self.K - 1  # the last stage of replica 0 owns the loss and the accuracy
         net.set_step(mg.step)
         self.grid = build_hierarchy(net.num_blocks, net.transition_indices(), mg.levels, mg.cfactor, net.name)
         stem_c, block_c, head_c = net.costs()
@@ -107,14 +104,10 @@ class MgritMethod(Method):
         cfg.dist.split = list(self.counts)  # the cut used, for summary.json / config.toml / resume
         self.shapes = [tuple(s) for s in net.boundary_shapes()]
         stages = net.partition(self.K, self.counts)
-        self.layouts = stage_layouts(stages)  # every stage's tensors, for the model.pt gather
-        self.stage = self.amp.module(stages[self.k].to(self.device))
-        self.block_range = self.stage.block_range
-        self.net = None
+        self.keep_stage(stages)  # (log_rank: the last stage of replica 0 owns the loss and the accuracy)
         self.blocks = (_AmpBlocks(list(self.stage.blocks), self.block_range[0], mg.step, self.amp)
                        if self.amp.enabled or self.amp.channels_last
                        else StageBlocks(list(self.stage.blocks), self.block_range[0], mg.step))
-        self.opt = make_sgd(self.stage.parameters(), cfg)
         self.clock = Clock(self.device)
         self.p2p = P2P(info.rank, self.device, info.backend, clock=self.clock)
         self.fviews = level_views(self.grid, *self.block_range)
@@ -156,6 +149,18 @@ class MgritMethod(Method):
     def uses_augmentation(self, phase):
         return True  # MGRIT states belong to no sample: augmentation in every phase
 
+    # neighbours on the layer axis of this replica (global ranks of the mesh)
+    @property
+    def prev_rank(self):
+        return self.mesh.prev
+
+    @property
+    def next_rank(self):
+        return self.mesh.next
+
+    def reduce_over_stages(self, t):
+        return self.mesh.all_reduce_layer(t)  # the stages of this replica (replicas count once)
+
     def stage_name(self, rank: int) -> str:
         k, d = rank % self.K, rank // self.K
         start = sum(self.counts[:k])
@@ -168,15 +173,6 @@ class MgritMethod(Method):
     def begin_epoch(self, epoch, phase):
         self._epoch = self._zero_epoch()
         return {}
-
-    def end_epoch(self, epoch):
-        self.p2p.reap(block=True)
-        super().end_epoch(epoch)
-        barrier(self.info)  # the epoch ends when the slowest rank has finished
-
-    def set_lr(self, lr):
-        for g in self.opt.param_groups:
-            g["lr"] = lr
 
     # ---- training -------------------------------------------------------------------------
     def train_step(self, batch, phase, next_idx=None):
@@ -247,7 +243,7 @@ class MgritMethod(Method):
         b = y.numel()
         self.stage.train()
         self.opt.zero_grad(set_to_none=True)
-        self.snapshot_buffers(self.stage)  # BN running stats come back if the guard rejects the step
+        self.guard.snapshot(self.stage)  # BN running stats come back if the guard rejects the step
         u0, fres, fprop = self.solve_forward(x)
         N = self.grid.num_blocks
         lam_N = None
@@ -284,7 +280,7 @@ class MgritMethod(Method):
         b = batch.y.numel()
         self.stage.train()
         self.opt.zero_grad(set_to_none=True)
-        self.snapshot_buffers(self.stage)
+        self.guard.snapshot(self.stage)
         if k == 0:
             inp = batch.x
         else:
@@ -341,19 +337,8 @@ class MgritMethod(Method):
         # is dropped unreceived is lost).
         self.flush()
         checks = [loss] + ([local_sq] if local_sq is not None else [])
-        if self.finite_guard(*checks):
-            clip = self.cfg.optim.grad_clip
-            if clip > 0:
-                sq = torch.zeros((), dtype=torch.float64, device=self.device)
-                for p in params:
-                    if p.grad is not None:
-                        sq = sq + p.grad.double().pow(2).sum()
-                self.mesh.all_reduce_layer(sq)  # the whole network's gradient norm, as serial clipping
-                coef = torch.clamp(clip / (sq.sqrt() + 1e-6), max=1.0)
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(coef.to(p.grad.dtype))
-            self.opt.step()
+        if self.guard.check(*checks):
+            self.clip_and_step()  # the whole network's gradient norm (layer group), as serial clipping
         else:  # (the guard has restored the BN buffers)
             self.opt.zero_grad(set_to_none=True)
             self.warm = {"fwd": None, "bwd": None}  # non-finite states must not seed the next solve
@@ -456,62 +441,30 @@ class MgritMethod(Method):
             "mgrit_exact_iters": self.grid.coarse_intervals,
             "mgrit_block_evals": int(evals.item()),
             "schedule": self.schedule,
-            "eval_comm_bytes": self._eval_bytes_total(),
+            "eval_comm_bytes": self.eval_bytes_total(),
             "time_compute_s": times[0], "time_comm_s": times[1], "time_wait_s": times[2],
         }
-
-    def _eval_bytes_total(self) -> int:
-        t = torch.tensor([float(self.p2p.bytes_sent_eval)], dtype=torch.float64, device=self.device)
-        self.mesh.all_reduce_world(t)
-        return int(t.item())
 
     def comm_bytes(self):
         """Training traffic this rank sent: neighbour messages (solves, serial phase) plus the
         data-parallel all-reduce at the ring volume 2 (N-1)/N x payload."""
         return self.p2p.bytes_sent + self.dp_bytes
 
-    # ---- evaluation: exact layer-serial forward, running BN statistics ----------------------
-    def evaluate(self, batches):
-        mesh = self.mesh
-        return layer_serial_evaluate(self.stage, self.p2p, self.k == 0, self.k == self.K - 1, mesh.prev,
-                                     mesh.next, batches, self.device)
-
     # ---- state ------------------------------------------------------------------------------
-    def local_model_state(self) -> dict:
-        return global_stage_state(self.stage, self.block_range[0]) if self.d == 0 else {}
-
-    def model_state(self):
-        """Replica 0's stages send their tensors to the last stage (p2p); others return None."""
-        if self.d != 0:
-            return None
-        mine = self.local_model_state()
-        if self.info.world_size == 1:
-            return mine
-        mine = global_stage_state(self.stage, self.block_range[0], self.device)  # sent from the device
-        return gather_state(self.p2p, mine, self.k, self.log_rank, {r: self.layouts[r] for r in range(self.K - 1)})
-
     def state_dict(self):
+        """The stage's state (stages.StagedMethod), the warm-start states and the run's counters."""
         warm = {key: (None if v is None else {int(p): t for p, t in v.items()}) for key, v in self.warm.items()}
         r = self._run
-        return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(), "warm": warm,
-                "skipped_steps": self.skipped_steps, "dp_bytes": self.dp_bytes, "amp": self.amp.state_dict(),
-                "counters": {"bytes_sent": self.p2p.bytes_sent, "bytes_sent_eval": self.p2p.bytes_sent_eval,
-                             **self.clock.state_dict()},
+        return {**super().state_dict(), "warm": warm, "dp_bytes": self.dp_bytes,
                 "run": {"steps": r["steps"], "fwd_iters": r["fwd_iters"], "bwd_iters": r["bwd_iters"],
                         "rho_fwd": list(r["rho_fwd"]), "rho_bwd": list(r["rho_bwd"]),
                         "last_residuals": r.get("last_residuals")}}
 
     def load_state_dict(self, state):
-        self.stage.load_state_dict(state["stage"])
-        self.opt.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.warm = {key: (None if v is None else {int(p): t.to(self.device) for p, t in v.items()})
                      for key, v in state.get("warm", {}).items()} or {"fwd": None, "bwd": None}
-        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.dp_bytes = int(state.get("dp_bytes", 0))
-        self.amp.load_state_dict(state.get("amp"))
-        c = state.get("counters") or {}
-        self.p2p.bytes_sent, self.p2p.bytes_sent_eval = int(c.get("bytes_sent", 0)), int(c.get("bytes_sent_eval", 0))
-        self.clock.load_state_dict(c)
         run = state.get("run")
         if run:
             self._run = {"steps": run["steps"], "fwd_iters": run["fwd_iters"], "bwd_iters": run["bwd_iters"],

@@ -17,7 +17,7 @@ a model without batch norm). Differences, all deliberate:
   statistics once per micro-batch (M momentum updates per step). This is GPipe's semantics;
   with M = 1 the update is serial backprop's exactly (up to float rounding).
 * Gradient clipping (``optim.grad_clip``) uses the global norm over all stages (one
-  all-reduce), as ``clip_grad_norm_`` of the whole network would.
+  all-reduce), as ``clip_grad_norm_`` of the whole network would (auxpar/coupling/optim.py).
 * Evaluation is a layer-serial forward over the ranks (no micro-batching, running BN
   statistics), the same as penalty/AL's: test batches may have any size.
 
@@ -34,7 +34,9 @@ scale and divides the gradient leaving its input by it, so the schedule sends tr
 gradients and each rank scales its own backward; overflow flags ride on the NaN guard.
 
 Accounting: ``comm_bytes`` counts every activation and gradient tensor this rank hands to a
-send of the schedule (measured from the send ops, not derived from shapes). Time per rank:
+send of the schedule (measured from the send ops, not derived from shapes; after each step the
+schedule's count is added to the P2P primitive's training-traffic counter, which evaluation and
+the model.pt gather use). Time per rank:
 ``compute`` = forward and backward of each micro-batch plus the optimizer step (timed around
 the stage's own calls); ``wait`` = the rest of the step, i.e. posting sends and receives,
 blocking on them and the pipeline bubble. torch.distributed.pipelining posts and waits inside
@@ -49,13 +51,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from auxpar.coupling.base import Method, StepOut
+from auxpar.coupling.base import StepOut
 from auxpar.coupling.comm import P2P, needs_staging
-from auxpar.timing import Clock
-from auxpar.coupling.serial import make_sgd
-from auxpar.coupling.stages import gather_state, global_stage_state, layer_serial_evaluate, stage_layouts
-from auxpar.distributed import all_reduce_, barrier
+from auxpar.coupling.stages import StagedMethod
+from auxpar.distributed import all_reduce_
 from auxpar.errors import ConfigError, DistributedError
+from auxpar.timing import Clock
 
 
 # ---------------------------------------------------------------------------- checks
@@ -169,7 +170,6 @@ class PipelineRunner:
                        else stage)
         self.M, self.schedule_name = microbatches, schedule
         self._built: dict[int, tuple] = {}
-        self._bytes_done = 0
 
     def _get(self, b: int):
         if b not in self._built:
@@ -187,15 +187,10 @@ class PipelineRunner:
             self._built[b] = (pstage, sched)
         return self._built[b]
 
-    def reset_counters(self, bytes_sent: int) -> None:
-        """Set the running byte total (a resumed run continues its accounting)."""
-        self._bytes_done = bytes_sent
-        for p, _ in self._built.values():
-            p.bytes_sent = 0
-
     @property
     def bytes_sent(self) -> int:
-        return self._bytes_done + sum(p.bytes_sent for p, _ in self._built.values())
+        """Bytes the schedule's send ops handed over so far in this process."""
+        return sum(p.bytes_sent for p, _ in self._built.values())
 
     def step(self, x: torch.Tensor, y: torch.Tensor):
         """Forward + backward of one batch; returns (mean loss, logits) on the last rank, else (None, None)."""
@@ -213,7 +208,7 @@ class PipelineRunner:
 
 # ---------------------------------------------------------------------------- the baseline
 
-class PipelineMethod(Method):
+class PipelineMethod(StagedMethod):
     name = "pipeline"
 
     def __init__(self, cfg, info, net):
@@ -223,12 +218,7 @@ class PipelineMethod(Method):
         # Build-then-slice: the whole net came from one seed; keep this rank's stage only.
         stages = net.partition(self.K, cfg.dist.split or None)
         self.ranges = [s.block_range for s in stages]
-        self.layouts = stage_layouts(stages)  # every stage's tensors, for the model.pt gather
-        self.stage = self.amp.module(stages[self.k].to(self.device))
-        self.block_range = self.stage.block_range
-        self.net = None
-        self.opt = make_sgd(self.stage.parameters(), cfg)
-        self.log_rank = self.K - 1  # the last stage owns the loss and the accuracy
+        self.keep_stage(stages)
         self.p2p = P2P(info.rank, self.device, info.backend)  # evaluation and the model gather
         # Time split (CUDA events on a GPU): "chunk" = the schedule's forward/backward compute,
         # "optim" = clipping and the optimizer step, "step" = the whole step; wait = step - both.
@@ -263,30 +253,7 @@ class PipelineMethod(Method):
         a, b = self.ranges[rank]
         return f"stage {rank} of {self.K} (blocks {a}-{b - 1})"
 
-    def end_epoch(self, epoch):
-        super().end_epoch(epoch)
-        # The epoch ends when the slowest stage has finished (as for penalty/AL).
-        barrier(self.info)
-
     # ---- training --------------------------------------------------------------------------
-    def set_lr(self, lr):
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-
-    def clip_and_step(self) -> None:
-        clip = self.cfg.optim.grad_clip
-        if clip > 0:
-            # The global norm over every stage, as clip_grad_norm_ of the whole network computes it.
-            grads = [p.grad for p in self.stage.parameters() if p.grad is not None]
-            sq = torch.zeros((), dtype=torch.float64, device=self.device)
-            for g in grads:
-                sq += g.detach().double().pow(2).sum()
-            all_reduce_(self.info, sq)
-            coef = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0).float()
-            for g in grads:
-                g.mul_(coef)
-        self.opt.step()
-
     def train_step(self, batch, phase, next_idx=None):
         with self.clock.section("step"):
             return self._step(batch)
@@ -295,12 +262,14 @@ class PipelineMethod(Method):
         b = batch.y.numel()
         self.stage.train()
         self.opt.zero_grad(set_to_none=True)
+        bytes0 = self.runner.bytes_sent
         loss, logits = self.runner.step(batch.x, batch.y)
+        self.p2p.bytes_sent += self.runner.bytes_sent - bytes0  # the schedule's sends: training traffic
         last = self.k == self.K - 1
         if not last:
             loss = torch.zeros((), device=self.device)
         overflow = self.amp.unscale_(self.opt)  # fp16: this rank's overflow flag (else None)
-        ok = self.guard_wait(self.guard_post(loss, overflow=overflow))  # every rank, before any update
+        ok = self.guard.wait(self.guard.post(loss, overflow=overflow))  # every rank, before any update
         if ok:
             with self.clock.section("optim"):
                 self.clip_and_step()
@@ -312,16 +281,7 @@ class PipelineMethod(Method):
                    else torch.zeros((), dtype=torch.long, device=self.device))
         return StepOut(loss, correct, b)
 
-    def evaluate(self, batches):
-        """Layer-serial forward over the ranks (running BN statistics); any test-batch size."""
-        return layer_serial_evaluate(self.stage, self.p2p, self.k == 0, self.k == self.K - 1, self.k - 1,
-                                     self.k + 1, batches, self.device)
-
     # ---- accounting ------------------------------------------------------------------------
-    def comm_bytes(self):
-        """Activations and gradients this rank sent in training steps (evaluation apart)."""
-        return self.runner.bytes_sent
-
     def _times(self) -> list[list[float]]:
         K, k = self.K, self.k
         t = torch.zeros(4, K, dtype=torch.float64, device=self.device)
@@ -338,43 +298,14 @@ class PipelineMethod(Method):
 
     def summary_extras(self) -> dict:
         rows = self._times()
-        ev = torch.tensor([float(self.p2p.bytes_sent_eval)], dtype=torch.float64, device=self.device)
-        all_reduce_(self.info, ev)
         M, K = self.cfg.dist.microbatches, self.K
         return {
             "microbatches": M, "pipeline_schedule": self.cfg.dist.pipeline_schedule,
-            "bubble_fraction": (K - 1) / (M + K - 1), "eval_comm_bytes": int(ev.item()),
+            "bubble_fraction": (K - 1) / (M + K - 1), "eval_comm_bytes": self.eval_bytes_total(),
             "time_compute_s": rows[0], "time_comm_s": rows[1], "time_wait_s": rows[2], "time_step_s": rows[3],
             "time_split_note": "time_wait_s holds posting, waiting and the bubble: torch.distributed."
                                "pipelining posts and waits inside its schedule, so time_comm_s is not measured",
         }
-
-    # ---- state -----------------------------------------------------------------------------
-    def local_model_state(self) -> dict:
-        return global_stage_state(self.stage, self.block_range[0])
-
-    def model_state(self):
-        """Gather every stage's tensors on the last rank (p2p, tensors only) as one state_dict."""
-        mine = global_stage_state(self.stage, self.block_range[0], self.device)  # sent from the device
-        return gather_state(self.p2p, mine, self.k, self.log_rank, {r: self.layouts[r] for r in range(self.K - 1)})
-
-    def state_dict(self):
-        """Stage tensors, optimizer, and the counters (skipped steps, bytes, times)."""
-        r = self.runner
-        return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(),
-                "skipped_steps": self.skipped_steps, "amp": self.amp.state_dict(),
-                "counters": {"bytes_sent": r.bytes_sent, "bytes_sent_eval": self.p2p.bytes_sent_eval,
-                             **self.clock.state_dict()}}
-
-    def load_state_dict(self, state):
-        self.stage.load_state_dict(state["stage"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.amp.load_state_dict(state.get("amp"))
-        c = state.get("counters") or {}
-        self.runner.reset_counters(int(c.get("bytes_sent", 0)))
-        self.clock.load_state_dict(c)
-        self.p2p.bytes_sent_eval = int(c.get("bytes_sent_eval", 0))
 
 
 # ---------------------------------------------------------------------------- SPH serial phase
@@ -387,7 +318,7 @@ class PipelineSerialExecutor:
     rounding on a model without BN; with BN, each micro-batch is normalized with its own
     statistics and running statistics move once per micro-batch (GPipe semantics), so with
     M > 1 the update differs as micro-batch BN differs from batch BN. The optimizer step is the
-    method's (``clip_and_step``: per-stage clipping, as the layer executor does). Its bytes go
+    method's (``clip_and_step``: the global clip, as the layer executor does). Its bytes go
     into the method's training traffic, its time into the method's compute and wait.
     """
 
@@ -419,7 +350,7 @@ class PipelineSerialExecutor:
         if k < K - 1:
             loss = torch.zeros((), device=m.device)
         overflow = m.amp.unscale_(m.opt)  # fp16: this rank's overflow flag (else None)
-        ok = m.guard_wait(m.guard_post(loss, overflow=overflow))
+        ok = m.guard.wait(m.guard.post(loss, overflow=overflow))
         m.amp.update(skipped=not ok)
         if not ok:
             return StepOut(torch.zeros((), device=m.device), torch.zeros((), dtype=torch.long, device=m.device), 0)

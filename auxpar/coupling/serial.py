@@ -10,6 +10,9 @@ Communication accounting for DDP: a comm hook records the size of every gradient
 is all-reduced. ``comm_bytes`` reports the bytes a bandwidth-optimal ring all-reduce sends per
 rank, ``2 (W-1)/W x payload``, which is what NCCL's ring and gloo's ring algorithms send; it is
 a volume model of the collective, not a packet capture.
+
+Clipping (``optim.grad_clip``): the whole network's gradient norm, as everywhere
+(:mod:`auxpar.coupling.optim`); DDP replicas hold the same averaged gradient, so nothing is reduced.
 """
 
 from __future__ import annotations
@@ -21,13 +24,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from auxpar.coupling.base import Method, StepOut
+from auxpar.coupling.optim import clip_global_norm_, make_sgd
 from auxpar.errors import DistributedError
-
-
-def make_sgd(params, cfg) -> torch.optim.SGD:
-    o = cfg.optim
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                           weight_decay=o.weight_decay)
 
 
 class SerialMethod(Method):
@@ -53,28 +51,24 @@ class SerialMethod(Method):
                 "were started; drop --nproc / torchrun, or use --method ddp for data parallelism"
             )
 
-    def set_lr(self, lr):
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-
     def train_step(self, batch, phase, next_idx=None):
-        amp = self.amp
+        amp, guard = self.amp, self.guard
         self.model.train()
-        self.snapshot_buffers(self.net)
+        guard.snapshot(self.net)
         with amp.autocast():
             logits = self.model(amp.input(batch.x))
         loss = F.cross_entropy(logits.float(), batch.y)  # fp32 loss (a no-op cast under fp32)
         # Every rank's loss, checked before the optimizer step; under fp16 posted after backward
         # + unscale, with the overflow flag (see auxpar/precision.py).
-        guard = None if amp.scaling else self.guard_post(loss)
+        handle = None if amp.scaling else guard.post(loss)
         self.opt.zero_grad(set_to_none=True)
         amp.scale(loss).backward()
         overflow = amp.unscale_(self.opt)
         if amp.scaling:
-            guard = self.guard_post(loss, overflow=overflow)
-        ok = self.guard_wait(guard)
-        if ok and self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
+            handle = guard.post(loss, overflow=overflow)
+        ok = guard.wait(handle)
+        if ok:  # DDP: every replica holds the whole (averaged) gradient, so no reduction
+            clip_global_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
         amp.step(self.opt, ok)
         amp.update(skipped=not ok)
         correct = (logits.detach().argmax(1) == batch.y).sum()
@@ -93,13 +87,10 @@ class SerialMethod(Method):
             count += b.y.numel()
         return loss_sum, correct, count
 
-    def model_state(self):
-        return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-
     def local_model_state(self):
         if self.info.rank != 0:
             return {}  # data-parallel replicas hold the same tensors as rank 0
-        return self.model_state()
+        return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
 
     def state_dict(self):
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),

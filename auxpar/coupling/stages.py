@@ -1,5 +1,8 @@
 """What every staged method (pipeline, penalty/AL, MGRIT) does the same way with its stage.
 
+* :class:`StagedMethod`: the hooks they share, written once (keep this rank's stage of a net
+  built whole, the clipped optimizer step, layer-serial evaluation, the model.pt gather, the
+  epoch-end barrier, the checkpointed byte and time counters);
 * :func:`global_stage_state`: a stage's tensors under the whole network's key names;
 * :func:`stage_layouts`: every stage's (key, shape, dtype) list, known on every rank before the
   net is sliced, so a gather needs no metadata messages;
@@ -11,6 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from auxpar.coupling.base import Method
+from auxpar.coupling.optim import clip_global_norm_, make_sgd
+from auxpar.distributed import all_reduce_, barrier
 
 
 def _global_key(key: str, block_start: int) -> str:
@@ -79,3 +86,101 @@ def layer_serial_evaluate(stage, p2p, first: bool, last: bool, prev: int | None,
             count += n
     p2p.reap(block=True)
     return loss_sum, correct, count
+
+
+class StagedMethod(Method):
+    """A method whose rank holds one stage of K (``self.k``, ``self.K``) of a net built whole from
+    one seed and then sliced, so the parameters do not depend on K.
+
+    A subclass sets ``K``, ``k``, ``device``, calls :meth:`keep_stage`, and makes ``p2p`` (the
+    one door for its point-to-point traffic) and ``clock`` (its time split). The last stage
+    owns the loss and the accuracy (``log_rank = K - 1``); ``d`` is the data-parallel replica
+    (MGRIT ``--dp``; 0 elsewhere): only replica 0 holds the model's tensors for model.pt.
+    """
+
+    d = 0
+
+    def keep_stage(self, stages) -> None:
+        """Keep stage ``self.k`` of ``stages`` (on this rank's device) and build its optimizer;
+        remember every stage's tensor layout for the model.pt gather."""
+        self.layouts = stage_layouts(stages)  # every stage's tensors, for the model.pt gather
+        self.stage = self.amp.module(stages[self.k].to(self.device))
+        self.block_range = self.stage.block_range
+        self.net = None
+        self.opt = make_sgd(self.stage.parameters(), self.cfg)
+        self.log_rank = self.K - 1  # the last stage owns the loss and the accuracy
+
+    # neighbours on the layer axis (None at the ends); rank = k unless a mesh says otherwise
+    @property
+    def prev_rank(self) -> int | None:
+        return self.k - 1 if self.k > 0 else None
+
+    @property
+    def next_rank(self) -> int | None:
+        return self.k + 1 if self.k < self.K - 1 else None
+
+    # ---- the optimizer step ----------------------------------------------------------------
+    def reduce_over_stages(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` in place over the ranks that hold the other stages of this rank's network
+        (the whole job here: one rank per stage; MGRIT: its layer group)."""
+        return all_reduce_(self.info, t)
+
+    def clip_and_step(self) -> None:
+        """The optimizer step, after clipping the whole network's gradient to ``optim.grad_clip``
+        (auxpar.coupling.optim: one float64 all-reduce over the stages when it is > 0, none at
+        0). Call it at the same point on every rank: after the guard, only when it said ok."""
+        clip_global_norm_(self.stage.parameters(), self.cfg.optim.grad_clip, self.reduce_over_stages, self.device)
+        self.opt.step()
+
+    def end_epoch(self, epoch):
+        self.p2p.reap(block=True)
+        super().end_epoch(epoch)
+        # One barrier per epoch: the epoch ends when the slowest stage has finished, so the
+        # epoch time the last rank reports is the job's, not the fastest rank's.
+        barrier(self.info)
+
+    def evaluate(self, batches):
+        """Layer-serial forward over the stages (running BN statistics, no DS); any test-batch size."""
+        return layer_serial_evaluate(self.stage, self.p2p, self.k == 0, self.k == self.K - 1, self.prev_rank,
+                                     self.next_rank, batches, self.device)
+
+    def comm_bytes(self):
+        """Training traffic this rank sent (evaluation apart)."""
+        return self.p2p.bytes_sent
+
+    def eval_bytes_total(self) -> int:
+        """Evaluation traffic of all ranks (a collective)."""
+        t = torch.tensor([float(self.p2p.bytes_sent_eval)], dtype=torch.float64, device=self.device)
+        all_reduce_(self.info, t)
+        return int(t.item())
+
+    # ---- state ----------------------------------------------------------------------------
+    def local_model_state(self):
+        return global_stage_state(self.stage, self.block_range[0]) if self.d == 0 else {}
+
+    def model_state(self):
+        """Gather every stage's tensors on the last rank (p2p, tensors only) as one state_dict;
+        None on the other ranks (and on every rank of replicas d > 0, which do not take part)."""
+        if self.d != 0:
+            return None
+        if self.info.world_size == 1:
+            return self.local_model_state()
+        mine = global_stage_state(self.stage, self.block_range[0], self.device)  # sent from the device
+        return gather_state(self.p2p, mine, self.k, self.log_rank, {r: self.layouts[r] for r in range(self.K - 1)})
+
+    def state_dict(self):
+        """Stage tensors, optimizer, skipped steps, precision state and the counters (bytes,
+        times); a subclass adds its own state."""
+        return {"stage": self.stage.state_dict(), "optimizer": self.opt.state_dict(),
+                "skipped_steps": self.skipped_steps, "amp": self.amp.state_dict(),
+                "counters": {"bytes_sent": self.p2p.bytes_sent, "bytes_sent_eval": self.p2p.bytes_sent_eval,
+                             **self.clock.state_dict()}}
+
+    def load_state_dict(self, state):
+        self.stage.load_state_dict(state["stage"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.amp.load_state_dict(state.get("amp"))
+        c = state.get("counters") or {}
+        self.p2p.bytes_sent, self.p2p.bytes_sent_eval = int(c.get("bytes_sent", 0)), int(c.get("bytes_sent_eval", 0))
+        self.clock.load_state_dict(c)
