@@ -45,6 +45,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from auxpar import registry
 from auxpar.errors import AuxparError, ConfigError, DistributedError
 
 log = logging.getLogger("auxpar")
@@ -119,8 +120,9 @@ def _resolve(model, data, method, stages, epochs, out, config, overrides):
             set_dotted(ov, key, value)
         elif key in FLAG_KEYS:
             sec, name = FLAG_KEYS[key]
-            if key == "schedule" and flat.get("method") == "mgrit":
-                sec = "mgrit"  # the SPH phase list of whichever method runs, as on the command line
+            if key == "phases" and isinstance(flat.get("method"), str):
+                # the SPH phase list of whichever method runs, as on the command line
+                sec, name = registry.method(flat["method"]).phases_key.split(".")
             ov.setdefault(sec, {})[name] = list(value) if isinstance(value, tuple) else value
         else:
             raise ConfigError(f"unknown setting {key}={value!r}: give an `auxpar train` flag by its Python name "
@@ -176,13 +178,9 @@ def _data_arg(data):
 
 def _processes(cfg) -> int:
     """Processes this run needs when nothing launched them (the CLI's rule)."""
-    from auxpar.cli import LAYER_PARALLEL
+    from auxpar.cli import local_processes
 
-    nproc = cfg.dist.nproc
-    if nproc == 1 and cfg.dist.stages * cfg.dist.dp > 1 and cfg.run.method in LAYER_PARALLEL:
-        nproc = cfg.dist.stages * cfg.dist.dp
-        print(f"auxpar: starting {nproc} local processes, one per stage (gloo on CPU)", file=sys.stderr)
-    return nproc
+    return local_processes(cfg)
 
 
 def _setup_logging() -> None:

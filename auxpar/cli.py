@@ -27,7 +27,7 @@ FLAG_KEYS = {
     "model": ("model", "name"), "dropout": ("model", "dropout"), "norm": ("model", "norm"),
     "dataset": ("data", "dataset"), "data_dir": ("data", "data_dir"), "batch_size": ("data", "batch_size"),
     "lr": ("optim", "lr"), "momentum": ("optim", "momentum"), "weight_decay": ("optim", "weight_decay"),
-    "lr_schedule": ("optim", "schedule"),
+    "lr_schedule": ("optim", "lr_schedule"),
     "stages": ("dist", "stages"), "split": ("dist", "split"), "nproc": ("dist", "nproc"),
     "balance": ("dist", "balance"),
     "backend": ("dist", "backend"), "device": ("dist", "device"),
@@ -35,7 +35,7 @@ FLAG_KEYS = {
     "aux_update": ("coupling", "aux_update"), "aux_lr": ("coupling", "aux_lr"),
     "ds_factor": ("coupling", "ds_factor"), "ds_mode": ("coupling", "ds_mode"),
     "upsample": ("coupling", "upsample"), "aux_dtype": ("coupling", "aux_dtype"),
-    "aux_device": ("coupling", "aux_device"), "schedule": ("coupling", "schedule"),
+    "aux_device": ("coupling", "aux_device"), "phases": ("coupling", "phases"),
     "mu_damping": ("coupling", "mu_damping"), "serial_executor": ("coupling", "serial_executor"),
     "dp": ("dist", "dp"), "microbatches": ("dist", "microbatches"),
     "pipeline_schedule": ("dist", "pipeline_schedule"), "timeout": ("dist", "timeout_s"),
@@ -60,6 +60,17 @@ def _split_arg(text: str) -> list[int]:
     if not counts:
         raise argparse.ArgumentTypeError("--split is empty: give block counts per stage, e.g. --split 4,4,4")
     return counts
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: using it is an error that names the new flag."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        self.new = new
+        super().__init__(option_strings, dest, nargs="?", **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise ConfigError(f"{option_string} was renamed {self.new}")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -124,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--upsample", choices=["nearest", "bilinear"], help="upsampling operator")
     g.add_argument("--aux-dtype", choices=["fp32", "bf16", "fp16"], help="aux-state storage dtype")
     g.add_argument("--aux-device", choices=["device", "host"], help="aux states in device or (pinned) host memory")
-    g.add_argument("--schedule", metavar="PHASES", help='SPH phases, repeated, e.g. "parallel:8,serial:2"')
+    g.add_argument("--phases", metavar="PHASES", help='SPH phases, repeated, e.g. "parallel:8,serial:2" '
+                   "(coupling.phases; mgrit.phases under --method mgrit)")
+    g.add_argument("--schedule", action=_Renamed, new="--phases (the SPH phase list; the learning-rate "
+                   "schedule is --lr-schedule)", help=argparse.SUPPRESS)
     g.add_argument("--mu-damping", type=float, help="AL multiplier damping in [0, 1)")
     g.add_argument("--serial-executor", choices=["layer", "pipeline"],
                    help="SPH serial phase over the K ranks: layer-serial or micro-batched pipeline")
@@ -210,18 +224,30 @@ def load_config(args: argparse.Namespace):
     file_data = load_toml(args.config) if args.config else {}
     overrides = overrides_from_args(args)
     method = overrides.get("run", {}).get("method") or file_data.get("run", {}).get("method")
-    if getattr(args, "schedule", None) is not None and isinstance(method, str):
-        # --schedule is the SPH phase list of whichever method runs; a method may keep its own key
+    if getattr(args, "phases", None) is not None and isinstance(method, str):
+        # --phases is the SPH phase list of whichever method runs; a method may keep its own key
         registry.load_plugins(overrides.get("run", {}).get("plugins", []) + file_data.get("run", {}).get("plugins", []))
         if method in registry.method_names():
             sec, key = registry.method(method).phases_key.split(".")
-            overrides.setdefault(sec, {})[key] = overrides["coupling"].pop("schedule")
+            overrides.setdefault(sec, {})[key] = overrides["coupling"].pop("phases")
     return build_config(file_data, overrides, source=args.config or "config")
 
 
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stdout)
+
+
+def local_processes(cfg) -> int:
+    """Processes a run needs when nothing launched it: ``dist.nproc``, or one per stage (times
+    ``dist.dp``) for a method with the ``stages`` layout, so `--method penalty --stages 4` alone
+    is a complete command."""
+    nproc = cfg.dist.nproc
+    want = cfg.dist.stages * cfg.dist.dp
+    if nproc == 1 and want > 1 and registry.method(cfg.run.method).layout == "stages":
+        nproc = want
+        print(f"auxpar: starting {nproc} local processes, one per stage (gloo on CPU)", file=sys.stderr)
+    return nproc
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
@@ -235,12 +261,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         print(config_to_toml(cfg.resolved()))
         return 0
     if not dist.under_launcher():
-        nproc = cfg.dist.nproc
-        want = cfg.dist.stages * cfg.dist.dp
-        if nproc == 1 and want > 1 and registry.method(cfg.run.method).layout == "stages":
-            # One process per stage: `--method penalty --stages 4` alone is a complete command.
-            nproc = want
-            print(f"auxpar: starting {nproc} local processes, one per stage (gloo on CPU)", file=sys.stderr)
+        nproc = local_processes(cfg)
         if nproc > 1:
             return dist.launch_local(argv, nproc)
 
@@ -294,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         _report(exc)
         return exc.exit_code
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except AuxparError as exc:  # a renamed flag (_Renamed)
+        _report(exc)
+        return exc.exit_code
     if args.command is None:
         parser.print_help()
         return 2

@@ -5,10 +5,11 @@ A run is described by one :class:`Config`, made of sections that mirror the TOML
     [run]    method, seed, epochs, out, threads, eval_every, log_every, precision, channels_last
     [model]  name, dropout, norm
     [data]   dataset, data_dir, batch_size, augment, crop_pad, pad_mode, flip, synthetic_*
-    [optim]  lr, momentum, nesterov, weight_decay, schedule, milestones, gamma, min_lr
+    [optim]  lr, momentum, nesterov, weight_decay, lr_schedule, milestones, gamma, min_lr
     [dist]   stages, split, nproc, backend, device, timeout_s
     [coupling] rho, rho_growth, rho_max, aux_update, aux_lr, ds_factor, ds_mode, upsample,
-             aux_dtype, aux_device, schedule, mu_reset, mu_damping, serial_executor
+             aux_dtype, aux_device, phases, mu_reset, mu_damping, serial_executor
+    [mgrit]  levels, cfactor, fwd_iters, bwd_iters, tol, relax, ..., phases
 
 Precedence: dataclass defaults < dataset recipe defaults (e.g. digits turns flipping off)
 < the TOML file < command-line flags. ``Config.resolved()`` returns the plain dict that is
@@ -41,8 +42,17 @@ else:  # pragma: no cover - exercised only on 3.10
 
 from auxpar import registry
 from auxpar.errors import ConfigError
+from auxpar.phases import parse_phases
 
 SCHEDULES = ("constant", "step", "multistep", "cosine")
+
+RENAMED = {
+    "optim.schedule": "optim.lr_schedule",
+    "coupling.schedule": "coupling.phases",
+    "mgrit.schedule": "mgrit.phases",
+}
+"""Keys that were renamed so that each name has one meaning ("schedule" meant the lr schedule,
+the SPH phases and the pipeline schedule): an old key is an error that names the new one."""
 
 
 @dataclass
@@ -177,7 +187,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "cosine"
+    lr_schedule: str = "cosine"
     """constant, step (x gamma every step_size epochs), multistep (x gamma at milestones), cosine."""
     milestones: list = field(default_factory=lambda: [60, 120, 160])
     gamma: float = 0.2
@@ -187,7 +197,12 @@ class OptimConfig:
     warmup_epochs: int = 0
     """Linear warm-up from lr/10 over this many epochs (counted in steps)."""
     grad_clip: float = 0.0
-    """Clip the global gradient norm to this value; 0 = off."""
+    """Clip the whole network's gradient to this global 2-norm before each optimizer step; 0 = off
+    (no norm computed, no collective). The norm is what torch.nn.utils.clip_grad_norm_ of the
+    whole network computes in serial training, for every method: ranks holding different stages
+    add their squared norms (one float64 all-reduce over the stages; data-parallel replicas count
+    once), and for penalty/AL the gradient is the concatenation of every stage's gradient of its
+    own local objective. See auxpar/coupling/optim.py."""
 
     def validate(self) -> None:
         _positive("optim.lr", self.lr)
@@ -196,7 +211,7 @@ class OptimConfig:
         if self.nesterov and self.momentum == 0:
             raise ConfigError("optim.nesterov = true needs optim.momentum > 0; set momentum (e.g. 0.9) or nesterov = false")
         _nonneg("optim.weight_decay", self.weight_decay)
-        _choice("optim.schedule", self.schedule, SCHEDULES)
+        _choice("optim.lr_schedule", self.lr_schedule, SCHEDULES)
         if any((not isinstance(m, int)) or m <= 0 for m in self.milestones):
             raise ConfigError(f"optim.milestones = {self.milestones!r} must be positive integer epochs, e.g. [60, 120, 160]")
         if list(self.milestones) != sorted(self.milestones):
@@ -290,7 +305,7 @@ class CouplingConfig:
     """Storage (and send) dtype of aux states and multipliers: fp32, bf16, fp16."""
     aux_device: str = "device"
     """device (training device memory) or host (CPU memory; pinned when training on CUDA)."""
-    schedule: str = "parallel:2,serial:1"
+    phases: str = "parallel:2,serial:1"
     """SPH phase list, repeated until run.epochs: e.g. parallel:8,serial:2; 'parallel' alone = no serial phase."""
     mu_reset: bool = True
     """AL: reset multipliers to 0 when the aux states are re-initialized after a serial phase."""
@@ -320,9 +335,7 @@ class CouplingConfig:
             raise ConfigError(f"coupling.mu_damping = {self.mu_damping} must be in [0, 1)")
         _choice("coupling.serial_executor", self.serial_executor, ("layer", "pipeline"))
         _choice("coupling.mu_order", self.mu_order, ("after", "before"))
-        from auxpar.schedule import parse_phases
-
-        parse_phases(self.schedule)
+        parse_phases(self.phases)
 
 
 @dataclass
@@ -391,13 +404,13 @@ class MgritConfig:
     step: float = 1.0
     """h scaling the residual branch, u + h f(u); 1 = the standard ResNet (the default, so that
     the model is the one serial training trains). h = T/N gives the ODE scaling."""
-    schedule: str = "parallel"
-    """SPH phases for --method mgrit (syntax of coupling.schedule): parallel = MGRIT step, serial =
+    phases: str = "parallel"
+    """SPH phases for --method mgrit (syntax of coupling.phases): parallel = MGRIT step, serial =
     exact layer-serial backprop over the ranks. Default parallel only: MGRIT states are not tied
     to samples, so MGRIT phases train on augmented data already and need no re-initialization,
     and serial phases did not help (digits ResNet-20 K=2, 15 epochs, seeds 0-2: parallel only
     98.61% mean test accuracy, parallel:2,serial:1 98.24%, serial backprop 98.70%). The
-    --schedule flag sets this key when --method is mgrit (and coupling.schedule otherwise)."""
+    --phases flag sets this key when --method is mgrit (and coupling.phases otherwise)."""
 
     def validate(self) -> None:
         _positive("mgrit.levels", self.levels)
@@ -417,9 +430,7 @@ class MgritConfig:
         _choice("mgrit.final_relax", self.final_relax, ("F", "FC"))
         _positive("mgrit.step", self.step)
         _choice("mgrit.warm_mode", self.warm_mode, ("mean", "states"))
-        from auxpar.schedule import parse_phases
-
-        parse_phases(self.schedule)
+        parse_phases(self.phases)
 
 
 @dataclass
@@ -499,6 +510,11 @@ def apply_dict(cfg: Config, data: dict, source: str = "config") -> Config:
         section = getattr(cfg, sec_name)
         fields = {f.name: f for f in dataclasses.fields(section)}
         for key, value in sec_values.items():
+            old = f"{sec_name}.{key}"
+            if old in RENAMED:
+                raise ConfigError(f"{source}: {old} was renamed {RENAMED[old]}; write "
+                                  f"{RENAMED[old].split('.')[1]} = {value!r} in [{sec_name}] (or --set "
+                                  f"{RENAMED[old]}=...)")
             if key not in fields:
                 close = [k for k in fields if k.startswith(key[:3])]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""

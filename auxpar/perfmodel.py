@@ -28,7 +28,7 @@ all-reduce (the NaN guard every multi-rank method runs each step) costs ``2 ceil
   layer executor's ``sum_k (F_k + B_k) + 2 sum_k c(4 B v_k) + max_k O_k`` or the pipeline
   executor's pipeline time. Re-initialization (start of every parallel phase that follows a
   serial one, and the first): a forward over the training set, pipelined over batches. Epochs
-  follow the SPH schedule; the mean epoch time includes re-initializations.
+  follow the SPH phases; the mean epoch time includes re-initializations.
 * mgrit (cost model, not yet validated against runs): per forward iteration a relaxation on
   every rank (F: (m-1)/m, FCF: (2(m-1)+1)/m of the rank's block forwards), the coarse level solved
   serially (sum of block forwards / prod(cfactors), plus K-1 messages, intermediate levels
@@ -349,8 +349,8 @@ class Scenario:
     latency_us: float = 10.0
     ds_factor: int = 1
     microbatches: int = 4
-    schedule: str = "1f1b"
-    sph: str = "parallel:2,serial:1"
+    pipeline_schedule: str = "1f1b"
+    phases: str = "parallel:2,serial:1"
     epochs: int = 15
     serial_executor: str = "layer"
     aux_dtype: str = "fp32"
@@ -454,7 +454,7 @@ def _pipeline(st: _Stages, sc: Scenario) -> tuple[float, int, float]:
     from auxpar.coupling.pipeline import pipeline_problems
 
     B, M, K = sc.batch_size, sc.microbatches, st.K
-    problem = pipeline_problems(B, M, sc.schedule, K, "pipeline", schedule_flag="--schedule")
+    problem = pipeline_problems(B, M, sc.pipeline_schedule, K, "pipeline", schedule_flag="--pipeline-schedule")
     if problem:
         raise ConfigError(problem)
     m = B // M
@@ -484,7 +484,7 @@ def _ds_values(st: _Stages, k: int, s: int) -> float:
 
 
 def predict_layer_parallel(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
-    from auxpar.schedule import parse_phases, phase_at
+    from auxpar.phases import parse_phases, phase_at
 
     st = _Stages(prof, _cut(prof, K, sc))
     B, s = sc.batch_size, sc.ds_factor
@@ -514,7 +514,7 @@ def predict_layer_parallel(prof: Profile, K: int, sc: Scenario, method: str) -> 
     reinit = sum(u) + (R - 1) * max(u)
     par_epoch = S * (par_step + prof.load(B, False))
     ser_epoch = S * (ser_step + prof.load(B, True))
-    phases = parse_phases(sc.sph)
+    phases = parse_phases(sc.phases)
     total, stale, n_reinit, n_par = 0.0, True, 0, 0
     for e in range(sc.epochs):
         if phase_at(phases, e) == "parallel":
@@ -583,7 +583,7 @@ def perf_ddp(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
 
 
 def perf_pipeline(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
-    return dict(predict_pipeline(prof, K, sc), note=f"{sc.schedule} M={sc.microbatches}")
+    return dict(predict_pipeline(prof, K, sc), note=f"{sc.pipeline_schedule} M={sc.microbatches}")
 
 
 def perf_coupled(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
@@ -603,7 +603,7 @@ def perf_coupled(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
                 any(d % sc.ds_factor for d in shapes[st.ranges[k - 1][1]][1:]) for k in range(1, K)):
             raise ConfigError(f"--ds-factor {sc.ds_factor} does not divide a boundary resolution")
     res = predict_layer_parallel(prof, K, sc, method)
-    return dict(res, note=f"ds={sc.ds_factor} sph={sc.sph} ({res['reinits']} re-init)")
+    return dict(res, note=f"ds={sc.ds_factor} phases={sc.phases} ({res['reinits']} re-init)")
 
 
 def perf_mgrit(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
@@ -782,9 +782,10 @@ def add_parser(sub) -> None:
     p.add_argument("--latency", type=float, default=10.0, metavar="US", help="link latency in microseconds (10)")
     p.add_argument("--ds-factor", type=int, default=1, help="DS factor of penalty/al boundaries")
     p.add_argument("--microbatches", type=int, default=4, help="pipeline micro-batches per batch")
-    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b", help="pipeline schedule")
-    p.add_argument("--sph-schedule", default=None, metavar="PHASES",
-                   help="penalty/al SPH phases (default: coupling.schedule's default)")
+    p.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"], default="1f1b",
+                   help="pipeline schedule of --method pipeline (and of the pipeline serial executor)")
+    p.add_argument("--phases", default=None, metavar="PHASES",
+                   help="penalty/al SPH phases (default: coupling.phases's default)")
     p.add_argument("--serial-executor", choices=["layer", "pipeline"], default="layer")
     p.add_argument("--aux-dtype", choices=sorted(DTYPE_BYTES), default="fp32")
     p.add_argument("--epochs", type=int, help="epochs of the run (default: the dataset recipe's)")
@@ -822,12 +823,12 @@ def scenario_from_args(args, cfg) -> Scenario:
             raise ConfigError(f"{name} {v} must be >= 1")
     if any(m < 2 for m in args.mgrit_cfactor):
         raise ConfigError(f"--mgrit-cfactor {args.mgrit_cfactor}: coarsening factors are >= 2")
-    from auxpar.schedule import parse_phases
+    from auxpar.phases import parse_phases
 
-    sph = args.sph_schedule or cfg.coupling.schedule
-    parse_phases(sph)
+    phases = args.phases or cfg.coupling.phases
+    parse_phases(phases)
     return Scenario(batch_size=cfg.data.batch_size, bandwidth_gbs=args.bandwidth, latency_us=args.latency,
-                    ds_factor=args.ds_factor, microbatches=args.microbatches, schedule=args.schedule, sph=sph,
+                    ds_factor=args.ds_factor, microbatches=args.microbatches, pipeline_schedule=args.pipeline_schedule, phases=phases,
                     epochs=cfg.run.epochs, serial_executor=args.serial_executor, aux_dtype=args.aux_dtype,
                     balance=args.balance, mgrit_levels=args.mgrit_levels, mgrit_cfactor=list(args.mgrit_cfactor),
                     mgrit_fwd_iters=args.mgrit_fwd_iters, mgrit_bwd_iters=args.mgrit_bwd_iters,

@@ -21,13 +21,13 @@ Call sequence of one training step (every method; ``amp = self.amp``)::
         out = stage(amp.input(x))              # x: batch input or the received fp32 activation
     send(amp.wire(out), ...)                   # fp32 (or aux dtype), contiguous, detached
     loss = loss_fn(out.float(), ...)           # losses / penalties in fp32, outside autocast
-    guard = None if amp.scaling else self.guard_post(loss)    # fp32/bf16: overlaps backward
+    guard = None if amp.scaling else self.guard.post(loss)    # fp32/bf16: overlaps backward
     amp.scale(loss).backward()                 # or out.backward(amp.scale(g)) for a received g
     send(amp.unscale_tensor(inp.grad), ...)    # upstream: the true (unscaled) fp32 gradient
     overflow = amp.unscale_(opt)               # fp16: 0-dim device flag, no host sync; else None
     if amp.scaling:
-        guard = self.guard_post(loss, overflow=overflow)
-    ok = self.guard_wait(guard)                # one all-reduce of 2W flags, one host read
+        guard = self.guard.post(loss, overflow=overflow)
+    ok = self.guard.wait(guard)                # one all-reduce of 2W flags, one host read
     if ok:
         clip(...)                              # on unscaled gradients
     amp.step(opt, ok)                          # opt.step() only when ok
@@ -35,8 +35,8 @@ Call sequence of one training step (every method; ``amp = self.amp``)::
     if ok: aux / multiplier updates (layer-parallel methods)
 
 Rule: **a step skipped on any rank is skipped on all ranks.** The NaN guard's all-reduce
-(:meth:`auxpar.coupling.base.Method.guard_post`) carries W loss flags and, under fp16, W
-overflow flags. An fp16 overflow on any rank makes ``guard_wait`` return False on every rank
+(:meth:`auxpar.coupling.guard.NanGuard.post`) carries W loss flags and, under fp16, W
+overflow flags. An fp16 overflow on any rank makes ``guard.wait`` return False on every rank
 without raising (overflow is normal under fp16: the scale was too large); every rank then
 skips its optimizer step and its aux/multiplier updates and backs its scale off
 (``update(skipped=True)``: GradScaler's found-inf semantics). A non-finite *loss* keeps
@@ -59,14 +59,14 @@ gradient ``g``)::
     o = ds_out.down(out.float())               # fp32 boundary output
     isend(amp.wire(o, send_dtype))             # aux dtype on the wire
     loss = penalty(o, t.float()) | CE(out.float(), y)          # fp32
-    guard = None if amp.scaling else self.guard_post(loss)
+    guard = None if amp.scaling else self.guard.post(loss)
     opt.zero_grad(set_to_none=True)
     amp.scale(loss).backward()
     g = amp.unscale_tensor(z_b.grad) * b       # true per-sample gradient, BEFORE unscale_(opt)
     overflow = amp.unscale_(opt)
     if amp.scaling:
-        guard = self.guard_post(loss, overflow=overflow)
-    ok = self.guard_wait(guard)
+        guard = self.guard.post(loss, overflow=overflow)
+    ok = self.guard.wait(guard)
     if ok:
         clip_and_step()
     amp.update(skipped=not ok)
@@ -85,7 +85,7 @@ Layer-serial executor (SPH serial phase) on rank k::
     if k > 0:
         send(amp.unscale_tensor(inp.grad))     # true fp32 gradient upstream
     overflow = amp.unscale_(opt)
-    ok = self.guard_wait(self.guard_post(check, overflow=overflow))
+    ok = self.guard.wait(self.guard.post(check, overflow=overflow))
     if ok:
         clip_and_step()
     amp.update(skipped=not ok)

@@ -51,8 +51,8 @@ class MethodInfo:
     """``run.precision`` values the method supports."""
     precision_note: str = ""
     """Why a precision is missing (the error message's reason)."""
-    phases_key: str = "coupling.schedule"
-    """The config key the ``--schedule`` flag (SPH phase list) sets for this method."""
+    phases_key: str = "coupling.phases"
+    """The config key the ``--phases`` flag (SPH phase list) sets for this method."""
     perf: str = ""
     """``"module:function"`` of its performance-model predictor (``auxpar model-perf``); empty =
     the model has no formula for it (model-perf lists it as not modelled)."""
@@ -245,7 +245,7 @@ register_method("mgrit", "auxpar.coupling.mgrit:MgritMethod", layout="stages",
                 precision_note="a loss scale would have to pass through every adjoint relaxation, residual "
                                "norm and warm-start state of the MGRIT solves; use --precision bf16 (no loss "
                                "scaling needed) or fp32",
-                phases_key="mgrit.schedule", perf="auxpar.perfmodel:perf_mgrit",
+                phases_key="mgrit.phases", perf="auxpar.perfmodel:perf_mgrit",
                 model_step=lambda cfg: cfg.mgrit.step)
 
 register_dataset(
@@ -254,14 +254,14 @@ register_dataset(
     # 200 epochs, lr x0.2 at 60/120/160.
     recipe={"run": {"epochs": 200}, "data": {"batch_size": 128},
             "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "schedule": "multistep", "milestones": [60, 120, 160], "gamma": 0.2}},
+                      "lr_schedule": "multistep", "milestones": [60, 120, 160], "gamma": 0.2}},
     augment={"crop_pad": 4, "pad_mode": "reflect", "flip": True},
     description="CIFAR-10, 32x32 colour, 10 classes (downloaded with a checksum)")
 register_dataset(
     "cifar100", "auxpar.data.cifar:load_cifar100", geometry=(3, 32, 100, 50_000, 10_000),
     recipe={"run": {"epochs": 200}, "data": {"batch_size": 128},
             "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "schedule": "multistep", "milestones": [60, 120, 160], "gamma": 0.2}},
+                      "lr_schedule": "multistep", "milestones": [60, 120, 160], "gamma": 0.2}},
     augment={"crop_pad": 4, "pad_mode": "reflect", "flip": True},
     description="CIFAR-100, 32x32 colour, 100 classes (downloaded with a checksum)")
 register_dataset(
@@ -269,7 +269,7 @@ register_dataset(
     # Measured on the embedded digits set: 15 epochs of SGD 0.05 cosine at batch 64 gives
     # ResNet-20 ~98-99% test accuracy in well under a minute on a laptop CPU.
     recipe={"run": {"epochs": 15}, "data": {"batch_size": 64},
-            "optim": {"lr": 0.05, "schedule": "cosine", "weight_decay": 5e-4}},
+            "optim": {"lr": 0.05, "lr_schedule": "cosine", "weight_decay": 5e-4}},
     # Flipping a digit changes its meaning (2 vs 5 ...), and 1 pixel is 1/8 of the image.
     augment={"crop_pad": 1, "pad_mode": "zero", "flip": False},
     description="scikit-learn's 8x8 digits, embedded (fast demos and tests)")
@@ -282,7 +282,7 @@ register_dataset(
     # The CPU study recipe (experiments/studies/fashion-resnet20.toml): SGD 0.05 cosine at
     # batch 128; 10 epochs fit a 10,000-image subset into minutes per run on one core.
     recipe={"run": {"epochs": 10}, "data": {"batch_size": 128},
-            "optim": {"lr": 0.05, "schedule": "cosine", "weight_decay": 5e-4}},
+            "optim": {"lr": 0.05, "lr_schedule": "cosine", "weight_decay": 5e-4}},
     # 28x28 garments on a black background: a 2-pixel zero-padded crop (4 px on 32x32 CIFAR
     # scaled down) and flips (a mirrored shirt is still a shirt).
     augment={"crop_pad": 2, "pad_mode": "zero", "flip": True},

@@ -39,7 +39,7 @@ CSV_FIELDS = (
     "final_test_acc", "best_test_acc", "final_train_loss", "final_train_acc",
     "train_time_s", "wall_time_s", "eval_time_s", "speedup_vs_serial", "target_acc", "time_to_target_s",
     "comm_bytes", "aux_store_bytes", "peak_memory_bytes", "params", "epochs", "steps", "ds_factor",
-    "schedule", "equal_time", "switch_loss_jump", "split_compute_s", "split_comm_s", "split_wait_s", "split_serial_phase_s",
+    "phases", "equal_time", "switch_loss_jump", "split_compute_s", "split_comm_s", "split_wait_s", "split_serial_phase_s",
     "device", "backend", "threads", "torch_version", "run_dir",
 )
 
@@ -182,6 +182,8 @@ def time_split(summary: dict, epoch_records: list[dict]) -> dict:
         return out
     phases = summary.get("phase_times_s") or {}
     parallel = sum(float(v) for p, v in phases.items() if p not in ("serial", "reinit"))
+    if parallel == 0 and set(phases) <= {"serial"}:
+        parallel = total  # no SPH phases (the pipeline): all of it splits by the ranks' buckets
     parallel = min(parallel, total)
     out["serial_phase"] = total - parallel
     # shares of compute / comm / wait over the parallel epochs, mean over ranks
@@ -191,7 +193,7 @@ def time_split(summary: dict, epoch_records: list[dict]) -> dict:
         cur = _rank_lists(rec)
         if cur is None:
             continue
-        if rec.get("phase") not in ("serial",):
+        if rec.get("phase") not in ("serial",) or parallel == total:
             for i in range(3):
                 before = prev[i] if prev is not None else [0.0] * len(cur[i])
                 sums[i] += statistics.mean(a - b for a, b in zip(cur[i], before))
@@ -401,7 +403,7 @@ def write_csv(path: Path, records: list[dict], a: dict) -> None:
                 row[k] = json.dumps(v) if isinstance(v, (list, bool)) else ("" if v is None else v)
             for k in ("final_test_acc", "best_test_acc", "final_train_loss", "final_train_acc", "train_time_s",
                       "wall_time_s", "eval_time_s", "comm_bytes", "aux_store_bytes", "peak_memory_bytes",
-                      "params", "epochs", "steps", "ds_factor", "schedule", "device", "backend", "threads",
+                      "params", "epochs", "steps", "ds_factor", "phases", "device", "backend", "threads",
                       "torch_version"):
                 v = s.get(k)
                 row[k] = "" if v is None else v

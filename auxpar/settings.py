@@ -7,9 +7,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+
 EQUAL_TIME_KEYS = ("run.epochs", "optim.milestones", "optim.step_size", "optim.warmup_epochs")
 """What ``equal_time`` derives when the run starts (so a finished equal-time run matches its plan
 whatever epoch count its references gave it)."""
+
 
 IGNORED_IN_MATCH = {
     "run.out", "run.progress", "run.resume", "run.checkpoint_every", "run.keep",
@@ -18,8 +20,9 @@ IGNORED_IN_MATCH = {
 """Keys that do not change what a run computes: a finished run whose config differs from the
 plan only in these is still complete."""
 
+
 SLUG_ALIASES = {
-    "coupling.ds_factor": "ds", "coupling.schedule": "", "coupling.rho": "rho",
+    "coupling.ds_factor": "ds", "coupling.phases": "", "mgrit.phases": "", "coupling.rho": "rho",
     "coupling.rho_growth": "rhog", "coupling.aux_dtype": "", "coupling.aux_update": "",
     "coupling.serial_executor": "exec-", "coupling.mu_damping": "mud",
     "dist.microbatches": "mb", "dist.pipeline_schedule": "", "dist.dp": "dp", "dist.balance": "bal-",
@@ -27,6 +30,7 @@ SLUG_ALIASES = {
     "mgrit.relax": "", "optim.lr": "lr", "data.batch_size": "bs", "run.epochs": "ep",
 }
 """Short run-name tags for common grid keys (others use the key's last part)."""
+
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -37,6 +41,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
 
 def _slug_value(v: Any) -> str:
     if isinstance(v, bool):
@@ -50,10 +55,11 @@ def _slug_value(v: Any) -> str:
     text = text.replace(":", "").replace(",", "-").replace(" ", "")
     return re.sub(r"[^A-Za-z0-9.+_-]", "", text)
 
+
 def setting_tag(key: str, value: Any) -> str:
     """Readable run-name tag of one grid value: ds2, sph-p8s2, nosph, mb8, 1f1b, lr0.1..."""
-    if key == "coupling.schedule" and isinstance(value, str):
-        from auxpar.schedule import parse_phases
+    if key == "coupling.phases" and isinstance(value, str):
+        from auxpar.phases import parse_phases
 
         phases = parse_phases(value)
         if all(name == "parallel" for name, _ in phases):
@@ -65,8 +71,9 @@ def setting_tag(key: str, value: Any) -> str:
     prefix = SLUG_ALIASES.get(key, key.rsplit(".", 1)[-1].replace("_", "-") + "-")
     return prefix + _slug_value(value)
 
+
 def settings_text(settings: dict) -> str:
-    """Human-readable settings of a run for tables: ``ds_factor=2 schedule=parallel:8,serial:2``."""
+    """Human-readable settings of a run for tables: ``ds_factor=2 phases=parallel:8,serial:2``."""
     parts = []
     for key, v in settings.items():
         if isinstance(v, bool):
@@ -75,6 +82,7 @@ def settings_text(settings: dict) -> str:
             v = ",".join(str(x) for x in v)
         parts.append(f"{key.rsplit('.', 1)[-1]}={v}")
     return " ".join(parts)
+
 
 def config_differences(stored: dict, planned: dict, ignore: tuple = ()) -> list[str]:
     """Keys (section.key: stored -> planned) on which a finished run differs from the plan.

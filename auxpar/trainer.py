@@ -44,7 +44,7 @@ from auxpar.errors import ConfigError, TrainingError
 from auxpar.metrics import MetricsWriter, peak_memory_bytes
 from auxpar.models import StagedNet, build_model, build_user_model, count_parameters, partition_counts
 from auxpar.models.profile import measure_costs
-from auxpar.schedule import lr_at
+from auxpar.lr_schedule import lr_at
 
 log = logging.getLogger("auxpar")
 

@@ -2,7 +2,7 @@
 
     python experiments/accuracy_digits.py                          # serial, ddp:2, penalty/al at K = 2, 4; 3 seeds
     python experiments/accuracy_digits.py --methods serial penalty:4 --seeds 0 1 2 3 4
-    python experiments/accuracy_digits.py --methods serial penalty:2 --extra --schedule parallel
+    python experiments/accuracy_digits.py --methods serial penalty:2 --extra --phases parallel
 
 A method is ``NAME`` or ``NAME:K`` (K processes: DDP ranks, or layer-parallel stages). Every
 run goes through the public CLI (``python -m auxpar train``) with the ResNet-20 digits config

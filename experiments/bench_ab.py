@@ -1,7 +1,7 @@
 """Before/after timing of one training command: this tree against a git revision, interleaved.
 
     python experiments/bench_ab.py --base c68910c            # penalty K=2 parallel phase (default)
-    python experiments/bench_ab.py --base HEAD~3 --repeats 5 -- --method al --stages 2 --nproc 2 --schedule parallel
+    python experiments/bench_ab.py --base HEAD~3 --repeats 5 -- --method al --stages 2 --nproc 2 --phases parallel
 
 The base revision is checked out into a temporary git worktree; the same ``auxpar train``
 command (synthetic 3x32x32 data, ResNet-20, batch 128, 1 thread per process) runs alternately
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ["--method", "penalty", "--stages", "2", "--nproc", "2", "--schedule", "parallel"]
+DEFAULT = ["--method", "penalty", "--stages", "2", "--nproc", "2", "--phases", "parallel"]
 
 
 def run(tree: Path, out: Path, args: list[str]) -> list[dict]:

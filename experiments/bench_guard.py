@@ -30,7 +30,7 @@ def main() -> None:
     data = ["--dataset", "synthetic", "--model", "resnet20", "--batch-size", str(bs), "--epochs", "3",
             "--eval-every", "3", "--no-augment", "--set", f"data.synthetic_num_train={bs * args.steps}",
             "--set", "data.synthetic_num_test=128", "--set", "data.synthetic_shape=[3, 32, 32]"]
-    methods = {"penalty K=2": ["--method", "penalty", "--stages", "2", "--schedule", "parallel"],
+    methods = {"penalty K=2": ["--method", "penalty", "--stages", "2", "--phases", "parallel"],
                "serial": ["--method", "serial"]}
     ratios: dict[str, list[float]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,7 @@
     python experiments/bench_parallel.py --dataset fashion-mnist --steps 8   # real 1x28x28 images
 
 1. Time per training step of the parallel phase with K = 2 processes of 1 thread each
-   (``--method penalty --schedule parallel``) against serial backprop in 1 process of 1 thread,
+   (``--method penalty --phases parallel``) against serial backprop in 1 process of 1 thread,
    on the same model, batch and synthetic 3x32x32 data, with the default FLOP-balanced split and
    with the time-balanced split (``--balance time``: measured forward+backward per block).
    The first epoch of every run is warm-up and is not timed; runs of the two methods alternate
@@ -102,7 +102,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="auxpar-bench-"))
     ratios, t_ser, t_par, ratios_t, t_part, ceilings = [], [], [], [], [], []
-    par = ["--method", "penalty", "--stages", "2", "--nproc", "2", "--schedule", "parallel"]
+    par = ["--method", "penalty", "--stages", "2", "--nproc", "2", "--phases", "parallel"]
     print(f"timing {args.model}, batch {args.batch_size}, {args.steps} steps x {args.epochs - 1} timed epochs, "
           f"{args.repeats} repeats", flush=True)
     for r in range(args.repeats):
@@ -125,7 +125,7 @@ def main() -> None:
     comm = {}
     for s in (1, 2, 4):
         ep = train(tmp / f"ds{s}", *data(2), "--method", "penalty", "--stages", "2", "--nproc", "2",
-                   "--schedule", "parallel", "--ds-factor", str(s))
+                   "--phases", "parallel", "--ds-factor", str(s))
         comm[s] = (ep[1]["comm_bytes"] - ep[0]["comm_bytes"]) / args.steps
         print(f"  s={s}: {comm[s]:,.0f} bytes/step ({comm[1] / comm[s]:.1f}x less than s=1)")
 

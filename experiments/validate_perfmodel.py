@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     prof = profile_model(args.model, args.dataset, [B, B // M], data_cfg=cfg.data, device="cpu", repeats=7,
                          threads=1, optim_cfg=cfg.optim)
     sph = "parallel:2,serial:1"
-    sc = Scenario(batch_size=B, bandwidth_gbs=bw, latency_us=lat, microbatches=M, schedule="1f1b", sph=sph,
+    sc = Scenario(batch_size=B, bandwidth_gbs=bw, latency_us=lat, microbatches=M, pipeline_schedule="1f1b", phases=sph,
                   epochs=args.epochs)
     p_serial = predict(prof, "serial", 1, sc)
     p_pen = predict(prof, "penalty", 2, sc)
@@ -248,9 +248,9 @@ def main(argv=None) -> int:
     add("serial epoch", p_serial["epoch_s"], min(epochs_of(r) for r in sers), cmd)
     add("serial run, mean epoch", p_serial["epoch_s"], min(mean_epoch(r) for r in sers), cmd)
 
-    pens = fastest(lambda: run_cli(out / "penalty", "--method", "penalty", "--stages", "2", "--schedule", sph,
+    pens = fastest(lambda: run_cli(out / "penalty", "--method", "penalty", "--stages", "2", "--phases", sph,
                                    *common))
-    cmd = f"auxpar train --method penalty --stages 2 --schedule {sph} " + " ".join(common) + " --threads 1"
+    cmd = f"auxpar train --method penalty --stages 2 --phases {sph} " + " ".join(common) + " --threads 1"
     add("penalty K=2 parallel epoch", p_pen["parallel_epoch_s"], min(epochs_of(r, "parallel") for r in pens), cmd)
     add("penalty K=2 serial epoch (layer executor)", p_pen["serial_epoch_s"],
         min(epochs_of(r, "serial") for r in pens), cmd)

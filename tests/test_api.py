@@ -18,7 +18,7 @@ from torch import nn
 
 import auxpar
 from auxpar.errors import ConfigError, DataError
-from auxpar.metrics import EPOCH_KEYS, SUMMARY_KEYS, read_metrics
+from auxpar.metrics import SUMMARY_KEYS, epoch_keys, read_metrics
 from conftest import ROOT, cli_env, read_summary, run_cli
 
 if str(ROOT) not in sys.path:
@@ -47,7 +47,7 @@ def test_custom_network_penalty_k2_api_and_cli_write_the_same_run(tmp_path):
     for name in ("config.toml", "metrics.jsonl", "summary.json", "model.pt"):
         assert (api_out / name).is_file(), name
     epochs = [r for r in read_metrics(api_out / "metrics.jsonl") if r["kind"] == "epoch"]
-    assert len(epochs) == 5 and all(tuple(r) == EPOCH_KEYS for r in epochs)
+    assert len(epochs) == 5 and all(tuple(r) == epoch_keys() for r in epochs)
 
     res = run_cli("train", "--model", "experiments.custom_network:make_net", "--method", "penalty", "--stages", "2",
                   "--epochs", "5", "--lr", "0.1", "--progress", "off", "--set", "data.train_subset=512",

@@ -16,7 +16,7 @@ def test_defaults_validate():
 def test_dataset_recipe_defaults_and_precedence(tmp_path):
     # cifar recipe: WRN schedule; a TOML value beats the recipe; a flag beats the TOML file.
     cfg = build_config({"data": {"dataset": "cifar100"}})
-    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.milestones, cfg.optim.gamma) == (0.1, "multistep", [60, 120, 160], 0.2)
+    assert (cfg.optim.lr, cfg.optim.lr_schedule, cfg.optim.milestones, cfg.optim.gamma) == (0.1, "multistep", [60, 120, 160], 0.2)
     assert (cfg.run.epochs, cfg.data.batch_size, cfg.optim.weight_decay, cfg.optim.nesterov) == (200, 128, 5e-4, True)
     cfg = build_config({"data": {"dataset": "cifar10"}, "optim": {"lr": 0.2}}, {"optim": {"lr": 0.3}})
     assert cfg.optim.lr == 0.3
@@ -66,3 +66,24 @@ def test_resolved_config_round_trips(tmp_path):
 def test_parse_value_uses_toml_syntax():
     assert parse_value("0.5") == 0.5 and parse_value("true") is True
     assert parse_value("[1, 2]") == [1, 2] and parse_value("cosine") == "cosine"
+
+
+@pytest.mark.parametrize("section, old, new", [("optim", "schedule", "optim.lr_schedule"),
+                                               ("coupling", "schedule", "coupling.phases"),
+                                               ("mgrit", "schedule", "mgrit.phases")])
+def test_renamed_keys_name_the_new_key(section, old, new):
+    with pytest.raises(ConfigError, match=f"{section}.{old} was renamed {new}"):
+        build_config({section: {old: "cosine"}})
+    sec, key = new.split(".")
+    if sec == "optim":
+        assert build_config({sec: {key: "step"}}).optim.lr_schedule == "step"
+    else:
+        assert getattr(getattr(build_config({sec: {key: "parallel:3,serial:1"}}), sec), key) == "parallel:3,serial:1"
+
+
+def test_renamed_flag_names_the_new_flag():
+    from conftest import run_cli
+
+    res = run_cli("train", "--schedule", "parallel", timeout=60)
+    assert res.returncode == 2 and "--schedule was renamed --phases" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -32,7 +32,7 @@ def _setup(rank, world, method="penalty", norm="none", ds=1, rho=1.0, extra=None
             "data": {"dataset": "synthetic", "batch_size": N, "synthetic_num_train": N,
                      "synthetic_shape": [1, 8, 8]},
             "optim": {"lr": 0.05, "weight_decay": 0.0}, "dist": {"stages": world},
-            "coupling": {"rho": rho, "ds_factor": ds, "schedule": "parallel", **(extra or {})}}
+            "coupling": {"rho": rho, "ds_factor": ds, "phases": "parallel", **(extra or {})}}
     cfg = build_config(over)
     info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo")
     train = load_dataset("synthetic", "train", synthetic={"num_train": N, "shape": (1, 8, 8)})
@@ -214,7 +214,7 @@ def test_serial_phase_over_ranks_equals_serial_training(tmp_path):
     common = ("--dataset", "digits", "--epochs", "1", "--batch-size", "256", "--seed", "5")
     r1 = run_cli("train", *common, "--method", "serial", "--threads", "1", "--out", str(tmp_path / "s"))
     r2 = run_cli("train", *common, "--method", "penalty", "--stages", "2", "--nproc", "2",
-                 "--schedule", "serial", "--out", str(tmp_path / "p"))
+                 "--phases", "serial", "--out", str(tmp_path / "p"))
     assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
     a = torch.load(tmp_path / "s" / "model.pt", weights_only=True)["state_dict"]
@@ -233,7 +233,7 @@ def test_serial_phase_over_ranks_equals_serial_training(tmp_path):
 @pytest.mark.slow
 def test_parallel_only_training_learns(tmp_path):
     res = run_cli("train", "--method", "penalty", "--stages", "2", "--nproc", "2", "--dataset", "digits",
-                  "--schedule", "parallel", "--out", str(tmp_path / "p"))
+                  "--phases", "parallel", "--out", str(tmp_path / "p"))
     assert res.returncode == 0, res.stderr
     s = read_summary(tmp_path / "p")
     assert s["final_test_acc"] > 0.5, s["final_test_acc"]  # chance is 0.10

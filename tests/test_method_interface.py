@@ -19,7 +19,10 @@ import pytest
 import torch
 
 from auxpar.config import build_config
-from auxpar.coupling import _REGISTRY, get_method
+from auxpar import registry
+from auxpar.coupling import get_method
+
+_REGISTRY = {name: get_method(name) for name in registry.method_names()}
 from auxpar.coupling.base import Method
 from auxpar.coupling.guard import NanGuard
 from auxpar.coupling.optim import clip_global_norm_

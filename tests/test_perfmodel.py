@@ -56,7 +56,7 @@ def _toy_profile() -> Profile:
 def test_predictions_on_a_hand_made_profile():
     prof = _toy_profile()
     free = dict(batch_size=8, bandwidth_gbs=1e12, latency_us=0.0)
-    sc = Scenario(microbatches=4, sph="parallel", epochs=10, **free)
+    sc = Scenario(microbatches=4, phases="parallel", epochs=10, **free)
     serial = predict(prof, "serial", 1, sc)
     assert serial["step_s"] == pytest.approx(12.0) and serial["epoch_s"] == pytest.approx(120.0)  # 10 steps
     pipe = predict(prof, "pipeline", 2, sc)  # 2 blocks per stage: 1.5 s per micro-batch of 2
@@ -68,7 +68,7 @@ def test_predictions_on_a_hand_made_profile():
     # one re-initialization: a forward pipelined over 10 batches (2 s on stage 0 each)
     assert pen["reinit_s"] == pytest.approx(2 + 9 * 2) and pen["reinits"] == 1
     assert pen["epoch_s"] == pytest.approx((10 * 60 + 20) / 10)
-    sph = predict(prof, "penalty", 2, Scenario(microbatches=4, sph="parallel:2,serial:1", epochs=6, **free))
+    sph = predict(prof, "penalty", 2, Scenario(microbatches=4, phases="parallel:2,serial:1", epochs=6, **free))
     assert sph["reinits"] == 2 and sph["parallel_epochs"] == 4
     assert sph["serial_step_s"] == pytest.approx(12.0)  # layer executor: the stages one after another
     assert sph["epoch_s"] == pytest.approx((4 * 60 + 2 * 120 + 2 * 20) / 6)

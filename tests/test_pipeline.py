@@ -60,7 +60,7 @@ def _pipeline_vs_serial(rank, world, method, schedule, M):
         step = lambda b: m.train_step(b, "serial")  # noqa: E731
     else:  # penalty's SPH serial phase through the pipeline executor
         cfg = _cfg("penalty", world, M, schedule, {"coupling": {"serial_executor": "pipeline",
-                                                                "schedule": "serial:1,parallel:1"}})
+                                                                "phases": "serial:1,parallel:1"}})
         m = get_method("penalty")(cfg, info, _net())
         m.prepare(train)
         assert m.executor.name == "pipeline"
@@ -164,7 +164,7 @@ def test_cli_pipeline_run(tmp_path):
 def test_cli_penalty_with_pipeline_serial_executor(tmp_path):
     out = tmp_path / "pen"
     r = run_cli("train", "--method", "penalty", "--stages", "2", "--dataset", "digits", "--epochs", "2",
-                "--schedule", "parallel:1,serial:1", "--serial-executor", "pipeline", "--microbatches", "2",
+                "--phases", "parallel:1,serial:1", "--serial-executor", "pipeline", "--microbatches", "2",
                 "--out", str(out), "--progress", "off", timeout=240)
     assert r.returncode == 0, r.stderr
     s = read_summary(out)

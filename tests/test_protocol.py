@@ -131,7 +131,7 @@ def checked(trace_dir: Path, min_messages=1):
 
 
 COMMON = ("--dataset", "digits", "--batch-size", "128", "--eval-every", "1", "--set", "data.train_subset=512")
-SPH = ("--epochs", "3", "--schedule", "parallel:1,serial:1")  # parallel -> serial -> parallel
+SPH = ("--epochs", "3", "--phases", "parallel:1,serial:1")  # parallel -> serial -> parallel
 
 
 @pytest.mark.slow
@@ -174,7 +174,7 @@ def test_protocol_checkpoint_resume_and_nan_guard(tmp_path):
     (("--mgrit-levels", "3", "--mgrit-relax", "FCF", "--mgrit-tol", "1e-3", "--mgrit-nested",
       "--mgrit-cfactor", "2"), 2),
     (("--mgrit-levels", "1",), 2),
-    (("--mgrit-levels", "2", "--dp", "2", "--schedule", "parallel:1,serial:1"), 4),
+    (("--mgrit-levels", "2", "--dp", "2", "--phases", "parallel:1,serial:1"), 4),
 ])
 def test_protocol_mgrit(tmp_path, extra, nproc):
     traced_run(tmp_path / "t", "train", "--method", "mgrit", "--stages", "2", *COMMON, "--epochs", "2",

@@ -39,7 +39,7 @@ def test_grid_expands_methods_k_settings_seeds_in_order():
         "methods": {
             "serial": {},
             "penalty": {"stages": [2, 4],
-                        "grid": {"coupling": {"ds_factor": [1, 2], "schedule": ["parallel", "parallel:8,serial:2"]}},
+                        "grid": {"coupling": {"ds_factor": [1, 2], "phases": ["parallel", "parallel:8,serial:2"]}},
                         "coupling": {"aux_dtype": "bf16"}},
         },
     }
@@ -52,7 +52,7 @@ def test_grid_expands_methods_k_settings_seeds_in_order():
     assert "penalty-k4-ds2-sph-p8s2-s1" in names
     r = next(r for r in s.runs if r.name == "penalty-k4-ds2-sph-p8s2-s1")
     assert (r.method, r.k, r.world, r.seed) == ("penalty", 4, 4, 1)
-    assert r.settings == {"coupling.ds_factor": 2, "coupling.schedule": "parallel:8,serial:2"}
+    assert r.settings == {"coupling.ds_factor": 2, "coupling.phases": "parallel:8,serial:2"}
     c = r.config
     assert c["run"]["method"] == "penalty" and c["run"]["seed"] == 1 and c["run"]["epochs"] == 3
     assert c["dist"]["stages"] == 4 and c["dist"]["nproc"] == 4
@@ -83,8 +83,8 @@ def test_ddp_k_is_ranks_and_labels_alias_methods(tmp_path):
 
 def test_setting_tags_are_readable():
     assert setting_tag("coupling.ds_factor", 4) == "ds4"
-    assert setting_tag("coupling.schedule", "parallel") == "nosph"
-    assert setting_tag("coupling.schedule", "parallel:8,serial:2") == "sph-p8s2"
+    assert setting_tag("coupling.phases", "parallel") == "nosph"
+    assert setting_tag("coupling.phases", "parallel:8,serial:2") == "sph-p8s2"
     assert setting_tag("dist.pipeline_schedule", "gpipe") == "gpipe"
     assert setting_tag("optim.lr", 0.1) == "lr0.1"
     assert setting_tag("optim.nesterov", False) == "no-nesterov"
@@ -188,15 +188,22 @@ def test_shipped_study_files_expand():
         assert {r.config["data"]["dataset"] for r in s.runs} == {dataset}
         lp = [r for r in s.runs if r.method in ("penalty", "al")]
         assert {r.config["coupling"]["ds_factor"] for r in lp} == {1, 2}
-        assert {r.config["coupling"]["schedule"] for r in lp} == {"parallel", "parallel:8,serial:2"}
+        assert {r.config["coupling"]["phases"] for r in lp} == {"parallel", "parallel:8,serial:2"}
     assert len(load_study(ROOT / "experiments/studies/digits-grid.toml").runs) == 102
+    fm = load_study(ROOT / "experiments/studies/fashion-resnet20.toml")
+    assert len(fm.runs) == 18 and {r.config["data"]["dataset"] for r in fm.runs} == {"fashion-mnist"}
+    assert {r.config["data"]["train_subset"] for r in fm.runs} == {10000}
+    assert [r.name for r in fm.runs[-3:]] == ["serial-eqt-s0", "serial-eqt-s1", "serial-eqt-s2"]
+    assert {(r.equal_time, r.pace) for r in fm.runs[-3:]} == {("penalty", "serial")}
+    more = load_study(ROOT / "experiments/studies/fashion-resnet20-more.toml")
+    assert len(more.runs) == 12 and "mgrit-k2-s0" in {r.name for r in more.runs}
 
 
 def test_equal_time_runs_get_the_epochs_that_fit(tmp_path):
     from auxpar.study import equal_time_deps, resolve_equal_time
 
     st = parse_study({"study": {"seeds": [0, 1]}, "base": {"data": {"dataset": "digits"}, "run": {"epochs": 10},
-                                                         "optim": {"schedule": "multistep", "milestones": [5, 8],
+                                                         "optim": {"lr_schedule": "multistep", "milestones": [5, 8],
                                                                    "warmup_epochs": 2}},
                       "methods": {"eqt": {"method": "serial", "equal_time": "penalty"}, "serial": {},
                                   "penalty": {"stages": [2]}}})

@@ -47,7 +47,7 @@ from auxpar.coupling.ds import DSFilter
 from auxpar.coupling.stages import StagedMethod
 from auxpar.distributed import all_reduce_
 from auxpar.errors import DistributedError
-from auxpar.schedule import beta_at, parse_phases, phase_at
+from auxpar.phases import beta_at, parse_phases, phase_at
 from auxpar.timing import Clock, sync
 
 
@@ -167,7 +167,7 @@ class LayerParallelMethod(StagedMethod):
         self.ds_out = (DSFilter(self.stage.out_shape, c.ds_factor, c.ds_mode, c.upsample,
                                 where=f"boundary {self.k + 1} (output of stage {self.k})")
                        if self.k < self.K - 1 else None)
-        self.phases = parse_phases(c.schedule)
+        self.phases = parse_phases(c.phases)
         if c.serial_executor == "pipeline":  # micro-batched serial phase (torch.distributed.pipelining)
             from auxpar.coupling.pipeline import PipelineSerialExecutor
 
@@ -424,7 +424,7 @@ class LayerParallelMethod(StagedMethod):
         m = self.epoch_metrics()
         return {
             "aux_store_bytes": int(t.item()), "ds_factor": self.cfg.coupling.ds_factor,
-            "rho": self.cfg.coupling.rho, "final_beta": self.beta, "schedule": self.cfg.coupling.schedule,
+            "rho": self.cfg.coupling.rho, "final_beta": self.beta, "phases": self.cfg.coupling.phases,
             "serial_executor": self.executor.name, "eval_comm_bytes": self.eval_bytes_total(),
             "time_compute_s": m["time_compute_s"], "time_comm_s": m["time_comm_s"],
             "time_wait_s": m["time_wait_s"],

@@ -39,7 +39,7 @@ interpolated up (and then ignores the warm states). Under ``--dp`` the means are
 SPH phases: ``parallel`` = the MGRIT step above; ``serial`` = exact layer-serial backprop over
 the K ranks of each replica (activations forward, gradients back, one batch at a time).
 MGRIT states are not tied to samples, so both phases train on augmented data. The phase list
-is ``mgrit.schedule`` (default ``parallel``: serial phases buy exact gradients for the time of
+is ``mgrit.phases`` (default ``parallel``: serial phases buy exact gradients for the time of
 serial backprop plus communication, and MGRIT needs no re-initialization); ``--schedule``
 sets it when the method is mgrit.
 
@@ -63,7 +63,7 @@ from auxpar.mgrit.grid import build_hierarchy, level_views, mgrit_split
 from auxpar.mgrit.mesh import ChainComm, Mesh
 from auxpar.mgrit.propagators import AdjointProp, ForwardProp, StageBlocks, frozen_bn
 from auxpar.mgrit.solver import MgritSolver, Settings
-from auxpar.schedule import parse_phases, phase_at
+from auxpar.phases import parse_phases, phase_at
 from auxpar.timing import Clock
 
 
@@ -112,9 +112,8 @@ class MgritMethod(StagedMethod):
         self.p2p = P2P(info.rank, self.device, info.backend, clock=self.clock)
         self.fviews = level_views(self.grid, *self.block_range)
         self.bviews = level_views(self.grid, *self.block_range, reverse=True)
-        schedule = mg.schedule
-        self.schedule = schedule
-        self.phases = parse_phases(schedule)
+        self.phases_text = mg.phases
+        self.phases = parse_phases(mg.phases)
         self.warm: dict[str, dict | None] = {"fwd": None, "bwd": None}
         self.dp_bytes = 0
         self.block_evals = 0
@@ -440,7 +439,7 @@ class MgritMethod(StagedMethod):
                                "dp": self.dp},
             "mgrit_exact_iters": self.grid.coarse_intervals,
             "mgrit_block_evals": int(evals.item()),
-            "schedule": self.schedule,
+            "phases": self.phases_text,
             "eval_comm_bytes": self.eval_bytes_total(),
             "time_compute_s": times[0], "time_comm_s": times[1], "time_wait_s": times[2],
         }
