@@ -248,22 +248,17 @@ register_method("mgrit", "auxpar.coupling.mgrit:MgritMethod", layout="stages",
                 phases_key="mgrit.phases", perf="auxpar.perfmodel:perf_mgrit",
                 model_step=lambda cfg: cfg.mgrit.step)
 
-register_dataset(
-    "cifar10", "auxpar.data.cifar:load_cifar10", geometry=(3, 32, 10, 50_000, 10_000),
-    # The WRN recipe (Zagoruyko & Komodakis): lr 0.1, Nesterov, wd 5e-4, batch 128,
-    # 200 epochs, lr x0.2 at 60/120/160.
-    recipe={"run": {"epochs": 200}, "data": {"batch_size": 128},
-            "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "lr_schedule": "multistep", "milestones": [60, 120, 160], "gamma": 0.2}},
-    augment={"crop_pad": 4, "pad_mode": "reflect", "flip": True},
-    description="CIFAR-10, 32x32 colour, 10 classes (downloaded with a checksum)")
-register_dataset(
-    "cifar100", "auxpar.data.cifar:load_cifar100", geometry=(3, 32, 100, 50_000, 10_000),
-    recipe={"run": {"epochs": 200}, "data": {"batch_size": 128},
-            "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "lr_schedule": "multistep", "milestones": [60, 120, 160], "gamma": 0.2}},
-    augment={"crop_pad": 4, "pad_mode": "reflect", "flip": True},
-    description="CIFAR-100, 32x32 colour, 100 classes (downloaded with a checksum)")
+# The WRN recipe (Zagoruyko & Komodakis): lr 0.1, Nesterov, wd 5e-4, batch 128, 200 epochs,
+# lr x0.2 at 60/120/160; 4-pixel reflect-padded crops and flips.
+_WRN_RECIPE = {"run": {"epochs": 200}, "data": {"batch_size": 128},
+               "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+                         "lr_schedule": "multistep", "milestones": [60, 120, 160], "gamma": 0.2}}
+_CIFAR_AUGMENT = {"crop_pad": 4, "pad_mode": "reflect", "flip": True}
+for _classes in (10, 100):
+    register_dataset(
+        f"cifar{_classes}", f"auxpar.data.cifar:load_cifar{_classes}", geometry=(3, 32, _classes, 50_000, 10_000),
+        recipe=_WRN_RECIPE, augment=_CIFAR_AUGMENT,
+        description=f"CIFAR-{_classes}, 32x32 colour, {_classes} classes (downloaded with a checksum)")
 register_dataset(
     "digits", "auxpar.data.datasets:load_digits", geometry=(1, 8, 10, 1_437, 360),
     # Measured on the embedded digits set: 15 epochs of SGD 0.05 cosine at batch 64 gives
