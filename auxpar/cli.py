@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm-start the adjoint solve too")
     g.add_argument("--mgrit-step", type=float, metavar="H", help="h scaling the residual branch (1 = ResNet)")
     g = t.add_argument_group("parallel layout")
-    g.add_argument("--dp", type=int, metavar="N", help="data-parallel replicas of the layer-parallel group (mgrit)")
+    g.add_argument("--dp", type=int, metavar="N", help="data-parallel replicas of the layer-parallel group (penalty, al, mgrit): world = stages x dp")
     g.add_argument("--microbatches", type=int, metavar="N", help="pipeline micro-batches per batch")
     g.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"], help="pipeline baseline schedule")
     g.add_argument("--timeout", type=float, metavar="SECONDS", help="process-group timeout (a stalled rank ends the job)")

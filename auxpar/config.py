@@ -161,10 +161,17 @@ class DataConfig:
     """Train on a fixed class-stratified subset of this many training samples (0 = all). The
     subset depends only on the dataset and N (a constant seed, not run.seed), so every run
     seed and method sees the same samples; the test set is never reduced."""
+    strata: int = 0
+    """Split the training ids into this many fixed classes (``id % strata``), each shuffled on
+    its own, and take ``batch_size / strata`` ids of each per batch (auxpar/data/loader.py).
+    0 = the method's choice: ``dist.dp`` for penalty/AL (replica d owns the samples
+    ``id % dp == d`` and keeps their aux states), 1 (one plain shuffle) for every other method.
+    Set it on a one-replica run to see exactly the global batches of a ``--dp`` run."""
 
     def validate(self) -> None:
         _choice("data.dataset", self.dataset, registry.dataset_names())
         _nonneg("data.train_subset", self.train_subset)
+        _nonneg("data.strata", self.strata)
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
         if self.crop_pad < -1:
@@ -242,7 +249,8 @@ class DistConfig:
     timeout_s: float = 300.0
     """Collective / point-to-point timeout: a dead peer ends the job instead of hanging it."""
     dp: int = 1
-    """Data-parallel degree on top of layer parallelism (mgrit): world = stages * dp."""
+    """Data-parallel replicas of the layer-parallel group (penalty, al, mgrit): world = stages *
+    dp, rank = d * stages + k (auxpar/mesh.py). The batch size is global: B / dp per replica."""
     microbatches: int = 4
     """Pipeline baseline (and the pipeline serial executor): micro-batches per batch."""
     pipeline_schedule: str = "1f1b"

@@ -236,7 +236,7 @@ def make_loader(cfg: Config, info: DistInfo, method: Method, train_set, data: An
     """The training batches of this rank (its replica's slice of every global batch)."""
     replicas, replica = method.sampler_layout()
     sampler = IndexSampler(len(train_set), cfg.data.batch_size, seed=cfg.run.seed, shuffle=True,
-                           drop_last=True, num_replicas=replicas, rank=replica)
+                           drop_last=True, num_replicas=replicas, rank=replica, strata=method.sampler_strata())
     # One augmentation stream for the global batch (each replica applies its slice), so DDP
     # sees exactly the crops and flips a single process would.
     augment = make_augment(cfg, data.augment_defaults() if data is not None else None)
@@ -353,7 +353,7 @@ def run_epoch(run: Run, epoch: int, phase: str) -> tuple[float, float]:
         run.bar.update(1)
         step_extra = method.step_metrics()  # e.g. MGRIT iterations and residuals, every step
         if (cfg.run.log_every and loop.step % cfg.run.log_every == 0) or step_extra:
-            loss_now = float(out.loss)  # the one sync of a logged step
+            loss_now = method.logged_loss(out)  # the one sync of a logged step
             if run.owner:
                 run.metrics.step(epoch=epoch, step=loop.step, phase=phase, lr=lr, loss=loss_now, **step_extra)
                 run.bar.set_postfix(loss=f"{loss_now:.3f}")
@@ -393,14 +393,13 @@ def train_stats(run: Run, epoch: int) -> tuple[float, float, float | None]:
     stats = torch.cat([torch.stack([loop.loss_sum, loop.correct,
                                     torch.tensor(float(loop.seen), dtype=torch.float64, device=info.device)]),
                        loop.first])
-    if run.method.reduce_train_stats:
-        all_reduce_(info, stats)
+    every_rank = run.method.reduce_epoch_stats(stats)
     loss_total, correct_total, seen_total, first_total, first_count = stats.tolist()
     train_loss = loss_total / max(seen_total, 1)
     first_loss = first_total / first_count if first_count > 0 else None
     # The per-step guard (all ranks, before the optimizer step) already stopped on NaN; this
     # catches a non-finite epoch mean that --on-nan skip let through on every step.
-    _nan_guard(train_loss, epoch, loop.step, run.cfg, every_rank=run.method.reduce_train_stats)
+    _nan_guard(train_loss, epoch, loop.step, run.cfg, every_rank=every_rank)
     return train_loss, correct_total / max(seen_total, 1), first_loss
 
 
@@ -460,7 +459,7 @@ def summarize(run: Run, t_launch: float, n_params: int, train_samples: int) -> t
     last = loop.last
     summary = {
         "method": cfg.run.method, "model": cfg.model.name, "dataset": cfg.data.dataset,
-        "world_size": info.world_size, "stages": cfg.dist.stages, "split": list(cfg.dist.split),
+        "world_size": info.world_size, "stages": cfg.dist.stages, "dp": cfg.dist.dp, "split": list(cfg.dist.split),
         "epochs": cfg.run.epochs, "steps": loop.step,
         "final_test_acc": last["test_acc"], "best_test_acc": loop.best_acc if loop.best_acc >= 0 else None,
         "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],

@@ -20,7 +20,7 @@ import torch
 
 from auxpar.config import Config
 from auxpar.coupling.guard import NanGuard
-from auxpar.distributed import DistInfo
+from auxpar.distributed import DistInfo, all_reduce_
 from auxpar.precision import Precision
 
 
@@ -104,6 +104,10 @@ class Method:
         """(num_replicas, replica_rank) for the training sampler."""
         return 1, 0
 
+    def sampler_strata(self) -> int:
+        """The training sampler's strata (``data.strata``; auxpar/data/loader.py); 1 by default."""
+        return self.cfg.data.strata or 1
+
     def eval_layout(self) -> tuple[int, int]:
         """(num_shards, shard) of the test set this rank evaluates."""
         return 1, 0
@@ -144,6 +148,21 @@ class Method:
     def evaluate(self, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(loss_sum, correct, count) over ``batches`` on this rank."""
         raise NotImplementedError
+
+    def reduce_epoch_stats(self, stats: torch.Tensor) -> bool:
+        """Combine the epoch sums of the ranks in place (``stats``: loss x count, correct, count,
+        first step's loss x count, its count) so that ``log_rank`` holds the job's; True when
+        every rank then holds them. Default: summed over every rank for data-parallel methods
+        (``reduce_train_stats``), left alone otherwise (the log rank's own numbers are the job's)."""
+        if self.reduce_train_stats:
+            all_reduce_(self.info, stats)
+            return True
+        return False
+
+    def logged_loss(self, out: StepOut) -> float:
+        """The training loss a step record shows (read on every rank at logged steps only; a
+        collective where the step's loss is spread over data-parallel replicas)."""
+        return float(out.loss)
 
     def step_metrics(self) -> dict:
         """Per-step record fields (e.g. MGRIT iterations and residual norms). When non-empty the

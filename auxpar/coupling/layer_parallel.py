@@ -35,6 +35,7 @@ data. Evaluation: running statistics (eval mode), layer-serial through all stage
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 
 import torch
@@ -46,7 +47,8 @@ from auxpar.coupling.comm import P2P
 from auxpar.coupling.ds import DSFilter
 from auxpar.coupling.stages import StagedMethod
 from auxpar.distributed import all_reduce_
-from auxpar.errors import DistributedError
+from auxpar.errors import ConfigError, DistributedError
+from auxpar.mesh import Mesh
 from auxpar.phases import beta_at, parse_phases, phase_at
 from auxpar.timing import Clock, sync
 
@@ -110,15 +112,15 @@ class LayerSerialExecutor:
         if k == 0:
             inp = batch.x
         else:
-            inp = p2p.recv((b, *m.stage.in_shape), torch.float32, k - 1)
+            inp = p2p.recv((b, *m.stage.in_shape), torch.float32, m.prev_rank)
             inp.requires_grad_(True)
         tok = clock.start()
         with amp.autocast():
-            out = m.stage(amp.input(inp)).float()
+            out = m.model(amp.input(inp)).float()  # (the DDP wrapper under --dp: all-reduce in backward)
         if k < K - 1:
             clock.stop("compute", tok)
-            p2p.send(amp.wire(out), k + 1)
-            grad = p2p.recv((b, *m.stage.out_shape), torch.float32, k + 1)
+            p2p.send(amp.wire(out), m.next_rank)
+            grad = p2p.recv((b, *m.stage.out_shape), torch.float32, m.next_rank)
             tok = clock.start()
             m.opt.zero_grad(set_to_none=True)
             out.backward(amp.scale(grad))
@@ -132,7 +134,7 @@ class LayerSerialExecutor:
             correct = (out.detach().argmax(1) == batch.y).sum()
         clock.stop("compute", tok)
         if k > 0:
-            p2p.send(amp.unscale_tensor(inp.grad), k - 1)
+            p2p.send(amp.unscale_tensor(inp.grad), m.prev_rank)
         # NaN guard after the gradient went upstream (every rank must reach it): the last stage
         # checks its loss, the others their output, so the first rank named is where it started.
         check = loss if k == K - 1 else out.detach().float().sum()
@@ -152,13 +154,18 @@ class LayerParallelMethod(StagedMethod):
     def __init__(self, cfg, info, net):
         super().__init__(cfg, info, net)
         c = cfg.coupling
-        self.K, self.k = cfg.dist.stages, info.rank
+        # The 2-D mesh (auxpar/mesh.py): rank = d * K + k; one replica's K stages are
+        # consecutive ranks. dp = 1: one replica, no groups, rank = k.
+        self.K, self.dp = cfg.dist.stages, cfg.dist.dp
+        self.mesh = Mesh(info, self.K, self.dp)
+        self.k, self.d = self.mesh.k, self.mesh.d
         self.device = info.device
         # Build-then-slice: the whole net came from one seed; keep this rank's stage only.
         stages = net.partition(self.K, cfg.dist.split or None)
         for s in stages[:-1]:  # every rank checks every boundary, so all ranks fail alike
             DSFilter(s.out_shape, c.ds_factor, c.ds_mode, c.upsample, where=f"boundary {s.index + 1}")
         self.keep_stage(stages)
+        self.model = self._replicate(self.stage)
         self.clock = Clock(self.device)
         self.p2p = P2P(info.rank, self.device, info.backend, clock=self.clock)
         self.send_dtype = DTYPES[c.aux_dtype]
@@ -185,17 +192,130 @@ class LayerParallelMethod(StagedMethod):
     # ---- layout -------------------------------------------------------------------------
     @classmethod
     def check_layout(cls, cfg, info):
-        K = cfg.dist.stages
+        K, dp = cfg.dist.stages, cfg.dist.dp
         if K < 2:
             raise DistributedError(
                 f"--method {cfg.run.method} couples K >= 2 stages, but --stages {K} was given; "
                 "use --stages 2 or more (one process per stage), or --method serial"
             )
-        if info.world_size != K:
+        if dp == 1 and info.world_size != K:
             raise DistributedError(
                 f"--stages {K} needs exactly {K} processes (one per stage), but {info.world_size} were started; "
                 f"use --nproc {K} or torchrun --nproc_per_node={K}"
             )
+        if info.world_size != K * dp:
+            raise DistributedError(
+                f"--method {cfg.run.method} --stages {K} --dp {dp} needs exactly stages x dp = {K * dp} processes "
+                f"(a {K} x {dp} mesh: layer axis x data axis), but {info.world_size} were started; start "
+                f"{K * dp} (drop --nproc to let auxpar start them, or torchrun with {K * dp} processes in all), "
+                f"or change --stages / --dp so that their product is {info.world_size}")
+        if dp > 1:
+            if cfg.data.batch_size % dp:
+                raise ConfigError(
+                    f"--batch-size {cfg.data.batch_size} is the global batch and must divide evenly over "
+                    f"--dp {dp} replicas; use a multiple of {dp}")
+            if cfg.data.strata not in (0, dp):
+                raise ConfigError(
+                    f"data.strata = {cfg.data.strata} with --dp {dp}: the aux states of a sample live with the "
+                    f"replica that owns it (id % dp), so the sampler's strata must be the replicas; use "
+                    f"data.strata = 0 (auto) or {dp}")
+            if cfg.coupling.serial_executor == "pipeline" and (cfg.run.precision != "fp32" or cfg.run.channels_last):
+                raise ConfigError(
+                    f"--serial-executor pipeline with --dp {dp} runs in fp32 without channels_last only (the "
+                    "replicas' gradient all-reduce wraps the stage itself, and the pipeline's precision wrapper "
+                    "would sit outside it); use --precision fp32, or --serial-executor layer")
+
+    def sampler_layout(self):
+        return self.dp, self.d  # replica d trains on its slice of every global batch
+
+    def sampler_strata(self):
+        # the slice always holds the samples id % dp == d: the ones whose aux states live here
+        return self.cfg.data.strata or self.dp
+
+    def eval_layout(self):
+        return self.dp, self.d
+
+    # neighbours on the layer axis of this replica (global ranks of the mesh)
+    @property
+    def prev_rank(self):
+        return self.mesh.prev
+
+    @property
+    def next_rank(self):
+        return self.mesh.next
+
+    def reduce_over_stages(self, t):
+        return self.mesh.all_reduce_layer(t)  # the stages of this replica (replicas count once)
+
+    def logged_loss(self, out):
+        if self.dp == 1 or self.k != self.K - 1:
+            return float(out.loss)
+        t = torch.stack([out.loss.double() * out.count,
+                         torch.tensor(float(out.count), dtype=torch.float64, device=self.device)])
+        self.mesh.all_reduce_dp(t)  # the last stages of the replicas: the global batch's loss
+        return float(t[0] / t[1].clamp(min=1.0))
+
+    def reduce_epoch_stats(self, stats):
+        # the last stage of every replica holds its shard's loss and accuracy; the others hold
+        # their penalty terms, which are not the training loss
+        if self.dp == 1:
+            return False
+        if self.k != self.K - 1:
+            stats.zero_()
+        all_reduce_(self.info, stats)
+        return True
+
+    def _replicate(self, stage):
+        """The module the training forwards run through: the stage itself (dp = 1) or the stage
+        in DistributedDataParallel on its replica group, which averages the gradients over the D
+        replicas with bucketed all-reduces that start during backward (one per bucket, issued
+        in the same order on every replica). Buffers are not broadcast: BN statistics are per
+        replica in training and averaged over the replicas at the end of each epoch."""
+        if self.dp == 1 or not self.info.distributed:
+            return stage
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # no buffer sync in forward (the replicas start equal: one seed; see average_bn_over_replicas)
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
+        ddp = DistributedDataParallel(stage, device_ids=ids, process_group=self.mesh.dp_group, **sync)
+        self._hook_state = ReplicaHookState(self.mesh.dp_group, self.dp)
+        ddp.register_comm_hook(self._hook_state, replica_allreduce_hook)
+        return ddp
+
+    @property
+    def dp_bytes(self) -> int:
+        """Bytes this rank sent on the data axis: the ring volume 2 (D-1)/D x payload."""
+        st = getattr(self, "_hook_state", None)
+        if st is None:
+            return 0
+        return int(round(st.payload * 2 * (self.dp - 1) / self.dp))
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of this replica's aux store for the sample ids ``idx`` (all owned here: id % dp == d)."""
+        return idx if self.dp == 1 else torch.div(idx, self.dp, rounding_mode="floor")
+
+    @torch.no_grad()
+    def average_bn_over_replicas(self) -> None:
+        """Average the floating buffers (BN running statistics) over the D replicas of this stage,
+        so evaluation and model.pt see one network (once per epoch; no-op at dp = 1)."""
+        if self.dp == 1:
+            return
+        bufs = [b for b in self.stage.buffers() if b.is_floating_point()]
+        if not bufs:
+            return
+        flat = torch.cat([b.reshape(-1).float() for b in bufs])
+        self.mesh.all_reduce_dp(flat)
+        flat /= self.dp
+        off = 0
+        for b in bufs:
+            b.copy_(flat[off:off + b.numel()].view_as(b))
+            off += b.numel()
+
+    def end_epoch(self, epoch):
+        super().end_epoch(epoch)
+        self.average_bn_over_replicas()
 
     def phase(self, epoch):
         return phase_at(self.phases, epoch)
@@ -209,7 +329,8 @@ class LayerParallelMethod(StagedMethod):
         self.train_set = train_set
         if self.k > 0:
             c = self.cfg.coupling
-            self.store = AuxStore(len(train_set), self.ds_in.shape, dtype=c.aux_dtype,
+            rows = len(range(self.d, len(train_set), self.dp))  # this replica's samples only
+            self.store = AuxStore(rows, self.ds_in.shape, dtype=c.aux_dtype,
                                   placement=c.aux_device, device=self.device, multipliers=self.multipliers)
 
     def begin_epoch(self, epoch: int, phase: str) -> dict[str, float]:
@@ -238,32 +359,34 @@ class LayerParallelMethod(StagedMethod):
     # ---- aux-state (re)initialization: one serial forward pass ----------------------------
     @torch.no_grad()
     def reinitialize(self) -> None:
-        """z_{k+1} <- D(F_k(U(z_k))) over the un-augmented training set, in id order; mu reset."""
+        """z_{k+1} <- D(F_k(U(z_k))) over the un-augmented training set, in id order; mu reset.
+        Under --dp each replica does its own samples (id % dp == d), B/dp at a time."""
         from auxpar.data import eval_batches
 
         self.stage.train()
         dropouts = [mod for mod in self.stage.modules() if isinstance(mod, torch.nn.Dropout)]
         for mod in dropouts:
             mod.eval()
-        bs = self.cfg.data.batch_size
+        bs = self.cfg.data.batch_size // self.dp
         p2p, clock = self.p2p, self.clock
-        for i, batch in enumerate(eval_batches(self.train_set, bs, self.device)):
+        for i, batch in enumerate(eval_batches(self.train_set, bs, self.device, shards=self.dp, shard=self.d)):
             b = batch.y.numel()
             # One message per batch, k -> k+1: the stored boundary state of stage k+1.
-            o = p2p.recv((b, *self.ds_in.shape), self.send_dtype, self.k - 1) if self.k > 0 else None
+            o = p2p.recv((b, *self.ds_in.shape), self.send_dtype, self.prev_rank) if self.k > 0 else None
             tok = clock.start()
             if self.k == 0:
                 inp = batch.x
             else:
-                self.store.put_z(batch.idx, o)
-                inp = self.ds_in.up(self.store.get_z(batch.idx))
+                rows = self._rows(batch.idx)
+                self.store.put_z(rows, o)
+                inp = self.ds_in.up(self.store.get_z(rows))
             out = None
             if self.k < self.K - 1:
                 with self.amp.autocast():
                     out = self.stage(self.amp.input(inp)).float()
             clock.stop("compute", tok)
             if out is not None:
-                p2p.send_async(self.amp.wire(self.ds_out.down(out), self.send_dtype), self.k + 1)
+                p2p.send_async(self.amp.wire(self.ds_out.down(out), self.send_dtype), self.next_rank)
                 if i % 4 == 3:
                     p2p.reap()
         p2p.reap(block=True)
@@ -308,12 +431,12 @@ class LayerParallelMethod(StagedMethod):
             zb = batch.x if k == 0 else rec["z"].requires_grad_(True)  # N x C x H/s x W/s, fp32
             inp = zb if k == 0 else self.ds_in.up(zb)
             with amp.autocast():
-                out = self.stage(amp.input(inp)).float()
+                out = self.model(amp.input(inp)).float()  # (DDP under --dp: all-reduce in backward)
             o = self.ds_out.down(out) if k < K - 1 else None  # N x C' x H'/s x W'/s
 
         # O(j): our output o_{k+1}[B] up, the output o_k[B] of the stage below (for the aux update) in
-        up = [(amp.wire(o, self.send_dtype), k + 1)] if o is not None else []
-        down = [((b, *self.ds_in.shape), self.send_dtype, k - 1)] if k > 0 else []
+        up = [(amp.wire(o, self.send_dtype), self.next_rank)] if o is not None else []
+        down = [((b, *self.ds_in.shape), self.send_dtype, self.prev_rank)] if k > 0 else []
         out_ex = p2p.keep(p2p.exchange(up, down))
         t = rec["T"].wait()[0] if k < K - 1 else None  # t_{k+1}[B] from the stage above
 
@@ -363,13 +486,14 @@ class LayerParallelMethod(StagedMethod):
         if self.k > 0:
             # Rows of B cannot change before step j uses them (an epoch's batches are disjoint
             # and updates only touch the current batch), so this gather serves step j too.
-            z = self.store.get_z(idx)
-            mu = self.store.get_mu(idx)
+            rows = self._rows(idx)
+            z = self.store.get_z(rows)
+            mu = self.store.get_mu(rows)
             rec["z"], rec["mu"] = z, mu
             t = z if mu is None else z - mu / self.beta_in
-            sends.append((t.to(self.send_dtype), self.k - 1))
+            sends.append((t.to(self.send_dtype), self.prev_rank))
         if self.k < self.K - 1:
-            recvs.append(((b, *self.ds_out.shape), self.send_dtype, self.k + 1))
+            recvs.append(((b, *self.ds_out.shape), self.send_dtype, self.next_rank))
         rec["T"] = self.p2p.keep(self.p2p.exchange(sends, recvs))  # kept: its send must finish by epoch end
         self._posted[j] = rec
 
@@ -382,9 +506,10 @@ class LayerParallelMethod(StagedMethod):
         acc["samples"] += z.shape[0]
         z_new, mu_new = aux_update(c.aux_update, z, o, g, mu, self.beta_in, c.aux_lr, c.mu_damping,
                                    mu_first=c.mu_order == "before")
-        self.store.put_z(idx, z_new)
+        rows = self._rows(idx)
+        self.store.put_z(rows, z_new)
         if mu_new is not None:
-            self.store.put_mu(idx, mu_new)
+            self.store.put_mu(rows, mu_new)
 
     # ---- accounting -----------------------------------------------------------------------
     def _zero_acc(self) -> dict:
@@ -406,6 +531,8 @@ class LayerParallelMethod(StagedMethod):
         chunk, pipe = tt.get("chunk", 0.0), tt.get("pipe", 0.0)
         t[3, k], t[4, k], t[5, k] = tt["compute"] + chunk, tt["comm"], tt["wait"] + max(pipe - chunk, 0.0)
         all_reduce_(self.info, t)
+        if self.dp > 1:
+            t /= self.dp  # each replica's stage k filled column k: the mean over the replicas
         rows = t.tolist()
         ran_parallel = acc["steps"] > 0
         return {
@@ -418,12 +545,15 @@ class LayerParallelMethod(StagedMethod):
         }
 
     def summary_extras(self) -> dict:
-        t = torch.tensor([float(self.store.nbytes if self.store is not None else 0)], dtype=torch.float64,
-                         device=self.device)
+        W = self.info.world_size
+        t = torch.zeros(W + 1, dtype=torch.float64, device=self.device)
+        t[self.info.rank] = float(self.store.nbytes if self.store is not None else 0)
+        t[W] = float(self.dp_bytes)
         all_reduce_(self.info, t)
         m = self.epoch_metrics()
         return {
-            "aux_store_bytes": int(t.item()), "ds_factor": self.cfg.coupling.ds_factor,
+            "aux_store_bytes": int(t[:W].sum().item()), "aux_store_bytes_max_rank": int(t[:W].max().item()),
+            "dp": self.dp, "dp_comm_bytes": int(t[W].item()), "ds_factor": self.cfg.coupling.ds_factor,
             "rho": self.cfg.coupling.rho, "final_beta": self.beta, "phases": self.cfg.coupling.phases,
             "serial_executor": self.executor.name, "eval_comm_bytes": self.eval_bytes_total(),
             "time_compute_s": m["time_compute_s"], "time_comm_s": m["time_comm_s"],
@@ -432,17 +562,27 @@ class LayerParallelMethod(StagedMethod):
 
     # ---- state ----------------------------------------------------------------------------
     def stage_name(self, rank: int) -> str:
-        return f"stage {rank} of {self.K}" + (" (the loss)" if rank == self.K - 1 else "")
+        k, d = rank % self.K, rank // self.K
+        rep = f", replica {d} of {self.dp}" if self.dp > 1 else ""
+        return f"stage {k} of {self.K}" + (" (the loss)" if k == self.K - 1 else "") + rep
+
+    def comm_bytes(self):
+        """Training traffic this rank sent on both axes: neighbour messages and the replicas'
+        gradient all-reduce (ring volume)."""
+        return self.p2p.bytes_sent + self.dp_bytes
 
     def state_dict(self):
         """The stage's state (stages.StagedMethod), beta, and the aux states and multipliers (in
         their storage dtype: a bf16 store checkpoints at half the fp32 size)."""
-        return {**super().state_dict(), "beta": self.beta, "stale": self.stale,
+        return {**super().state_dict(), "beta": self.beta, "stale": self.stale, "dp_payload": (
+                    self._hook_state.payload if getattr(self, "_hook_state", None) is not None else 0),
                 "aux": self.store.state_dict() if self.store is not None else None}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.beta, self.stale = state["beta"], state["stale"]
+        if getattr(self, "_hook_state", None) is not None:
+            self._hook_state.payload = int(state.get("dp_payload", 0))
         if self.store is not None and state.get("aux") is not None:
             self.store.load_state_dict(state["aux"])
 
@@ -463,3 +603,20 @@ class PenaltyMethod(LayerParallelMethod):
 class AugmentedLagrangianMethod(LayerParallelMethod):
     name = "al"
     multipliers = True
+
+
+class ReplicaHookState:
+    """State of the replicas' gradient all-reduce hook: the stage's replica group, its size, and
+    the gradient bytes handed to the all-reduce so far (for ``comm_bytes``)."""
+
+    def __init__(self, group, size: int):
+        self.group, self.size, self.payload = group, size, 0
+
+
+def replica_allreduce_hook(state: ReplicaHookState, bucket):
+    """Average one gradient bucket over the stage's D replicas (DDP's default hook, on the replica
+    group, through ``torch.distributed.all_reduce`` so the protocol recorder sees it) and count it."""
+    buf = bucket.buffer()
+    state.payload += buf.numel() * buf.element_size()
+    fut = torch.distributed.all_reduce(buf.div_(state.size), group=state.group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])

@@ -43,7 +43,7 @@ is ``mgrit.phases`` (default ``parallel``: serial phases buy exact gradients for
 serial backprop plus communication, and MGRIT needs no re-initialization); ``--schedule``
 sets it when the method is mgrit.
 
-Data parallelism (``--dp N``): see :mod:`auxpar.mgrit.mesh` for the 2-D mesh. Each replica
+Data parallelism (``--dp N``): see :mod:`auxpar.mesh` for the 2-D mesh. Each replica
 solves its slice of the global batch; gradients (and the loss statistics) are averaged over the
 data-parallel group before the guard and the step. BN statistics are per replica, as in DDP.
 """
@@ -60,7 +60,8 @@ from auxpar.coupling.comm import P2P
 from auxpar.coupling.stages import StagedMethod
 from auxpar.errors import ConfigError, DistributedError
 from auxpar.mgrit.grid import build_hierarchy, level_views, mgrit_split
-from auxpar.mgrit.mesh import ChainComm, Mesh
+from auxpar.mesh import Mesh
+from auxpar.mgrit.chain import ChainComm
 from auxpar.mgrit.propagators import AdjointProp, ForwardProp, StageBlocks, frozen_bn
 from auxpar.mgrit.solver import MgritSolver, Settings
 from auxpar.phases import parse_phases, phase_at

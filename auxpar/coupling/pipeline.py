@@ -162,12 +162,18 @@ class PipelineRunner:
     """
 
     def __init__(self, stage, k: int, K: int, device: torch.device, microbatches: int, schedule: str,
-                 amp=None, clock: Clock | None = None):
+                 amp=None, clock: Clock | None = None, group=None, module=None):
         self.stage, self.k, self.K, self.device = stage, k, K, device
+        self.group = group  # the K ranks of this pipeline (a replica's layer group under --dp; None = world)
         self.clock = clock if clock is not None else Clock(device)  # chunk compute goes to "chunk"
-        # fp32 without channels_last runs the stage itself (the unchanged default path)
-        self.module = (_AmpStage(stage, amp) if amp is not None and (amp.enabled or amp.channels_last)
-                       else stage)
+        # fp32 without channels_last runs the stage itself (the unchanged default path);
+        # ``module``: what to run instead (the stage in DDP under --dp: the schedule then
+        # all-reduces the gradients over the replicas once, during the last micro-batch's backward)
+        if module is not None:
+            self.module = module
+        else:
+            self.module = (_AmpStage(stage, amp) if amp is not None and (amp.enabled or amp.channels_last)
+                           else stage)
         self.M, self.schedule_name = microbatches, schedule
         self._built: dict[int, tuple] = {}
 
@@ -180,7 +186,8 @@ class PipelineRunner:
             mb = b // self.M
             inp = torch.empty((mb, *self.stage.in_shape), device="meta").requires_grad_(self.k > 0)
             out = torch.empty((mb, *self.stage.out_shape), device="meta").requires_grad_(True)
-            pstage = stage_cls(self.module, self.k, self.K, self.device, input_args=inp, output_args=out)
+            pstage = stage_cls(self.module, self.k, self.K, self.device, input_args=inp, output_args=out,
+                               group=self.group)
             pstage.clock = self.clock
             sched = schedules[self.schedule_name](pstage, n_microbatches=self.M, loss_fn=_mean_ce,
                                                   scale_grads=True)
@@ -327,8 +334,9 @@ class PipelineSerialExecutor:
     def __init__(self, method):
         self.m = method
         cfg = method.cfg
-        problem = pipeline_problems(cfg.data.batch_size, cfg.dist.microbatches, cfg.dist.pipeline_schedule,
-                                    method.K, "--serial-executor pipeline")
+        # (under --dp each replica pipelines its B / dp samples)
+        problem = pipeline_problems(cfg.data.batch_size // method.dp, cfg.dist.microbatches,
+                                    cfg.dist.pipeline_schedule, method.K, "--serial-executor pipeline")
         if problem:
             raise ConfigError(problem)
         check_transport(method.info.backend, method.device, "--serial-executor pipeline")
@@ -336,7 +344,9 @@ class PipelineSerialExecutor:
         # chunk compute goes to the method's clock as "chunk", the schedule's whole run as "pipe"
         # (the method's epoch metrics count chunk as compute and pipe - chunk as waiting)
         self.runner = PipelineRunner(method.stage, method.k, method.K, method.device, cfg.dist.microbatches,
-                                     cfg.dist.pipeline_schedule, method.amp, method.clock)
+                                     cfg.dist.pipeline_schedule, method.amp, method.clock,
+                                     group=method.mesh.layer_group,
+                                     module=method.model if method.model is not method.stage else None)
 
     def train_step(self, batch) -> StepOut:
         m, k, K = self.m, self.m.k, self.m.K

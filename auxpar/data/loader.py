@@ -11,6 +11,12 @@ Guarantees callers rely on:
   ``batch_size`` samples; the R slices together are exactly the batch a single process with the
   same seed sees (DDP equality). With ``num_replicas=1`` every caller with the same seed gets
   identical ids (layer-parallel ranks).
+* With ``strata=S`` (a multiple of R) the ids are split into S fixed classes (``id % S``), each
+  shuffled on its own, and every global batch takes ``batch_size / S`` ids of each class, in
+  class order. Replica r then always sees the same classes (``(id % S) // (S / R) == r``),
+  whatever the epoch: the ownership that per-sample aux states need under ``--dp``. The global
+  batches depend on S, not on R, so a one-replica run with the same S sees exactly the global
+  batches of an R-replica run (the equality tests of the 2-D mesh).
 * :class:`BatchLoader` draws augmentation parameters for the whole global batch from a CPU
   generator seeded by ``(generator_seed, epoch, batch position)`` and applies this rank's slice,
   so augmentation is reproducible per epoch, identical across layer-parallel ranks, identical
@@ -53,6 +59,9 @@ class IndexSampler:
     ``r < R`` some ranks get an *empty* batch (every rank still sees the same number of batches).
     ``drop_last=True`` with fewer samples than one batch is a :class:`ConfigError`.
 
+    ``strata`` (see the module docstring) must be a multiple of ``num_replicas`` and divide
+    ``batch_size``; with ``strata > 1`` only full batches are made (``drop_last=True``).
+
     Resume: :meth:`state_dict` returns ``{"epoch", "position", "seed"}`` where ``position`` is the
     number of batches already handed out this epoch; after :meth:`load_state_dict` the next
     iteration of that epoch skips those batches (calling ``set_epoch`` with the same epoch keeps
@@ -69,6 +78,7 @@ class IndexSampler:
         drop_last: bool = True,
         num_replicas: int = 1,
         rank: int = 0,
+        strata: int = 1,
     ) -> None:
         self.num_samples = _positive_int("num_samples", num_samples)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -88,6 +98,19 @@ class IndexSampler:
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
+        self.strata = _positive_int("strata", strata)
+        if strata % num_replicas:
+            raise ConfigError(f"data.strata {strata} must be a multiple of the {num_replicas} data-parallel "
+                              f"replicas (each replica owns whole strata); use {num_replicas} or 0 (auto)")
+        if batch_size % strata:
+            raise ConfigError(f"batch_size {batch_size} does not split into data.strata {strata} equal parts; "
+                              f"use a batch size that is a multiple of {strata}")
+        if strata > 1 and not drop_last:
+            raise ConfigError("data.strata > 1 makes full batches only (drop_last=True)")
+        if strata > 1 and num_samples // strata < batch_size // strata:
+            raise ConfigError(f"batch_size {batch_size} takes {batch_size // strata} samples of each of the "
+                              f"{strata} strata, but the smallest holds {num_samples // strata}: use a smaller "
+                              "batch size")
         self.seed = seed
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
@@ -120,6 +143,8 @@ class IndexSampler:
             self._position = 0
 
     def __len__(self) -> int:
+        if self.strata > 1:  # full batches only, limited by the smallest stratum
+            return (self.num_samples // self.strata) // (self.batch_size // self.strata)
         full, rest = divmod(self.num_samples, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
@@ -130,6 +155,23 @@ class IndexSampler:
             return torch.arange(self.num_samples, dtype=torch.int64)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, e, "sampler"))
         return torch.randperm(self.num_samples, generator=gen, dtype=torch.int64)
+
+    def order(self, epoch: int | None = None) -> torch.Tensor:
+        """The ids of the epoch's batches, one global batch after another (int64, CPU): the
+        permutation, or with ``strata > 1`` each batch's ``batch_size / S`` ids of every stratum."""
+        if self.strata == 1:
+            return self.permutation(epoch)
+        e = self._epoch if epoch is None else epoch
+        S, per = self.strata, self.batch_size // self.strata
+        n = len(self)
+        parts = []
+        for s in range(S):
+            ids = torch.arange(s, self.num_samples, S, dtype=torch.int64)
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, e, "sampler", "stratum", s))
+                ids = ids[torch.randperm(ids.numel(), generator=gen)]
+            parts.append(ids[: n * per].view(n, per))
+        return torch.stack(parts, 1).reshape(-1)
 
     def _shard(self, global_size: int) -> tuple[int, int]:
         base, extra = divmod(global_size, self.num_replicas)
@@ -144,7 +186,7 @@ class IndexSampler:
         return self._generate(self._epoch, start)
 
     def _generate(self, epoch: int, start: int) -> Iterator[ShardBatch]:
-        perm = self.permutation(epoch)
+        perm = self.order(epoch)
         for b in range(start, len(self)):
             lo = b * self.batch_size
             global_ids = perm[lo : min(lo + self.batch_size, self.num_samples)]

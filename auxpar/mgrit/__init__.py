@@ -8,7 +8,7 @@ torch.distributed only (gloo or nccl), no MPI, no compiled extension. The pieces
   solve, final sweep -- one solver for the forward and the adjoint solve;
 * :mod:`auxpar.mgrit.propagators`: the forward block steps and the adjoint (vector-Jacobian)
   steps, batch-norm switches;
-* :mod:`auxpar.mgrit.mesh`: the 2-D (layer x data) process mesh and the neighbour exchange.
+* :mod:`auxpar.mgrit.chain`: the neighbour exchange of a solve over the 2-D mesh (:mod:`auxpar.mesh`).
 
 The training method that uses them is :class:`auxpar.coupling.mgrit.MgritMethod`.
 """
