@@ -523,6 +523,8 @@ def predict_layer_parallel(prof: Profile, K: int, sc: Scenario, method: str) -> 
     not hide it. D = 1 is the plain K-stage prediction (the all-reduce terms are 0)."""
     from auxpar.phases import parse_phases, phase_at
 
+    if K < 2:  # as training refuses it (layer_parallel check_layout); the re-init formula needs a boundary
+        raise ConfigError(f"--method {method} couples K >= 2 stages (K = {K})")
     st = _Stages(prof, _cut(prof, K, sc))
     B, s, D = sc.batch_size, sc.ds_factor, sc.dp
     if D < 1:
