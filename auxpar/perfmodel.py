@@ -862,7 +862,8 @@ def plot_speedup(rows: list[dict], path: Path, prof: Profile, sc: Scenario) -> P
         ax.set_xticklabels([(f"{k}\n({mesh[k]})" if dp else str(k)) for k in (Ks or [1])])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{prof.model} on {prof.dataset}, batch {sc.batch_size}, {sc.bandwidth_gbs:g} GB/s, "
+    fig.suptitle(f"{prof.model} on {prof.dataset}, batch {sc.batch_size}, "
+                 f"{f'D = {sc.dp} replicas, ' if dp else ''}{sc.bandwidth_gbs:g} GB/s, "
                  f"{sc.latency_us:g} us (profiled on {prof.device})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
