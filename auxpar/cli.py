@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show the stage cut, balance and boundary memory (no training)")
     _add_common(p)
+    p.add_argument("--dp", type=int, metavar="D",
+                   help="data-parallel replicas of the K stages (world = K x D ranks): the aux memory per "
+                        "rank is that of ceil(N/D) samples (default 1)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     import importlib
@@ -291,11 +294,14 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from auxpar.config import build_config, load_toml
-    from auxpar.plan import format_plan, make_plan, plan_json
+    from auxpar.plan import check_dp, format_plan, make_plan, plan_json
 
+    if args.dp is not None:
+        check_dp(args.dp)  # before the config, so that the message names the flag
     file_data = load_toml(args.config) if args.config else {}
     cfg = build_config(file_data, overrides_from_args(args), source=args.config or "config")
-    plan = make_plan(cfg.model.name, cfg.data, cfg.dist.stages, cfg.dist.split or None, cfg.model.dropout)
+    plan = make_plan(cfg.model.name, cfg.data, cfg.dist.stages, cfg.dist.split or None, cfg.model.dropout,
+                     dp=cfg.dist.dp)
     print(plan_json(plan) if args.json else format_plan(plan))
     return 0
 

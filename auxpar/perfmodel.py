@@ -29,6 +29,19 @@ all-reduce (the NaN guard every multi-rank method runs each step) costs ``2 ceil
   executor's pipeline time. Re-initialization (start of every parallel phase that follows a
   serial one, and the first): a forward over the training set, pipelined over batches. Epochs
   follow the SPH phases; the mean epoch time includes re-initializations.
+* penalty / al with ``--dp D`` (a K x D mesh, K*D devices; rank = d*K + k): every replica runs
+  the formulas above at its batch b = B/D (the profile at b; re-initialization over its shard of
+  ceil(N/D) samples), and each stage's gradients are averaged over its D replicas by a ring
+  all-reduce of 2 (D-1)/D x 4 P_k bytes (P_k: the stage's parameters; ``ring_allreduce_time`` at
+  the scenario's link). The all-reduce is overlapped with backward (DDP on the stage's replica
+  group, buckets reduced while backward fills the next): only its exposed part
+  ``max(0, allreduce_k - B_k(b))`` adds to stage k's time, i.e. it is assumed to run at full link
+  speed concurrently with the backward without slowing it. In the layer-serial phase stage k's
+  reduce also hides behind the backward of the stages below it (``max(0, allreduce_k - sum_{j<=k}
+  B_j(b))``); in the pipeline serial executor only behind the last micro-batch's backward. The
+  NaN guard spans all K*D ranks. The ddp row next to it is plain DDP over all K*D devices at
+  B/(K*D), whose all-reduce is, as above, not overlapped (its note gives the overlapped figure).
+  MGRIT with --dp and the pipeline (no replicas) are not modelled: their rows say so.
 * mgrit (cost model, not yet validated against runs): per forward iteration a relaxation on
   every rank (F: (m-1)/m, FCF: (2(m-1)+1)/m of the rank's block forwards), the coarse level solved
   serially (sum of block forwards / prod(cfactors), plus K-1 messages, intermediate levels
@@ -103,6 +116,13 @@ def ring_allreduce_time(nbytes: float, K: int, bandwidth_gbs: float, latency_us:
         return 0.0
     buckets = max(1, math.ceil(nbytes / bucket_bytes))
     return buckets * 2 * (K - 1) * latency_us * 1e-6 + 2 * (K - 1) / K * nbytes / (bandwidth_gbs * 1e9)
+
+
+def exposed_allreduce_time(allreduce_s: float, hidden_by_s: float) -> float:
+    """The part of a gradient all-reduce that the backward does not hide: ``max(0, allreduce -
+    backward)``. Assumes DDP-style overlap: buckets are reduced as soon as backward has filled
+    them, at full link speed, without slowing the backward (optimistic for the last bucket)."""
+    return max(0.0, allreduce_s - hidden_by_s)
 
 
 def pipeline_step_time(stage_times: list[float], link_bytes: list[float], M: int, bandwidth_gbs: float,
@@ -360,20 +380,31 @@ class Scenario:
     mgrit_fwd_iters: int = 2
     mgrit_bwd_iters: int = 1
     mgrit_relax: str = "FCF"
+    dp: int = 1
+    """D data-parallel replicas of the K stages (penalty/al: K x D devices; ddp: K*D ranks)."""
 
     def c(self, nbytes: float) -> float:
         return message_time(nbytes, self.bandwidth_gbs, self.latency_us)
 
 
 def needed_batch_sizes(sc: Scenario, stages: list[int], methods) -> list[int]:
-    """Batch sizes the predictions need: B, B/M (pipeline) and B/K (ddp), where they divide."""
-    B = sc.batch_size
+    """Batch sizes the predictions need: B, B/M (pipeline) and B/K (ddp), where they divide;
+    with ``sc.dp = D > 1`` also B/D (penalty/al replicas), (B/D)/M (their pipeline serial
+    executor) and B/(K*D) (ddp over K*D devices); the pipeline's B/M is not needed then (it has
+    no replicas, its rows are n/a)."""
+    B, D = sc.batch_size, sc.dp
     sizes = {B}
-    if "pipeline" in methods or (("penalty" in methods or "al" in methods) and sc.serial_executor == "pipeline"):
+    coupled = "penalty" in methods or "al" in methods
+    if ("pipeline" in methods and D == 1) or (coupled and sc.serial_executor == "pipeline" and D == 1):
         if B % sc.microbatches == 0:
             sizes.add(B // sc.microbatches)
+    if coupled and D > 1 and B % D == 0:
+        b = B // D
+        sizes.add(b)
+        if sc.serial_executor == "pipeline" and b % sc.microbatches == 0:
+            sizes.add(b // sc.microbatches)
     if "ddp" in methods:
-        sizes.update(B // K for K in stages if B % K == 0)
+        sizes.update(B // (K * D) for K in stages if B % (K * D) == 0)
     return sorted(sizes)
 
 
@@ -449,11 +480,14 @@ def predict_ddp(prof: Profile, K: int, sc: Scenario) -> dict:
             "comm_bytes_per_step": int(round(2 * (K - 1) / K * 4 * P)), "idle_fraction": ar / step}
 
 
-def _pipeline(st: _Stages, sc: Scenario) -> tuple[float, int, float]:
-    """(step seconds, max bytes sent per rank per step, compute-idle fraction of the slowest rank)."""
+def _pipeline(st: _Stages, sc: Scenario, batch: int | None = None, ranks: int | None = None
+              ) -> tuple[float, int, float]:
+    """(step seconds, max bytes sent per rank per step, compute-idle fraction of the slowest rank)
+    of one pipeline over ``batch`` samples (default the scenario's B); the NaN guard spans
+    ``ranks`` ranks (default the K stages)."""
     from auxpar.coupling.pipeline import pipeline_problems
 
-    B, M, K = sc.batch_size, sc.microbatches, st.K
+    B, M, K = batch or sc.batch_size, sc.microbatches, st.K
     problem = pipeline_problems(B, M, sc.pipeline_schedule, K, "pipeline", schedule_flag="--pipeline-schedule")
     if problem:
         raise ConfigError(problem)
@@ -462,7 +496,7 @@ def _pipeline(st: _Stages, sc: Scenario) -> tuple[float, int, float]:
     link = [4 * m * st.v[k] for k in range(1, K)]
     opt = max(st.opt())
     step = pipeline_step_time(t, link, M, sc.bandwidth_gbs, sc.latency_us, opt) + small_allreduce_time(
-        K, sc.latency_us)
+        ranks or K, sc.latency_us)
     sent = max(M * ((link[k] if k < K - 1 else 0) + (link[k - 1] if k > 0 else 0)) for k in range(K))
     busy = max(M * t[k] for k in range(K)) + opt
     return step, int(sent), 1.0 - busy / step
@@ -484,36 +518,56 @@ def _ds_values(st: _Stages, k: int, s: int) -> float:
 
 
 def predict_layer_parallel(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
+    """Penalty / AL on K stages x ``sc.dp`` = D replicas (module docstring): every replica at its
+    batch b = B/D, plus each stage's gradient all-reduce over its D replicas where backward does
+    not hide it. D = 1 is the plain K-stage prediction (the all-reduce terms are 0)."""
     from auxpar.phases import parse_phases, phase_at
 
+    if K < 2:  # as training refuses it (layer_parallel check_layout); the re-init formula needs a boundary
+        raise ConfigError(f"--method {method} couples K >= 2 stages (K = {K})")
     st = _Stages(prof, _cut(prof, K, sc))
-    B, s = sc.batch_size, sc.ds_factor
+    B, s, D = sc.batch_size, sc.ds_factor, sc.dp
+    if D < 1:
+        raise ConfigError(f"--dp {D} must be >= 1")
+    if B % D:
+        raise ConfigError(f"batch {B} does not split over --dp {D} replicas (B/D samples each)")
+    b = B // D  # samples per replica per step
     S = prof.train_samples // B
     dt = DTYPE_BYTES[sc.aux_dtype]
-    fb, opt = st.fb(B), st.opt()
-    guard = small_allreduce_time(K, sc.latency_us)
+    fb, opt = st.fb(b), st.opt()
+    bwd = st.sum(b, "bwd")
+    guard = small_allreduce_time(K * D, sc.latency_us)
+    # each stage's gradients, averaged over its D replicas (0 for D = 1)
+    ar = [ring_allreduce_time(4 * p, D, sc.bandwidth_gbs, sc.latency_us) for p in st.params]
+    ar_bytes = [2 * (D - 1) / D * 4 * p for p in st.params]
+    exposed = [exposed_allreduce_time(ar[k], bwd[k]) for k in range(K)]
     # parallel phase: every stage at once
     per_rank, sent = [], []
     for k in range(K):
         vin = _ds_values(st, k, s) if k > 0 else 0.0
         vout = _ds_values(st, k + 1, s) if k < K - 1 else 0.0
-        aux = prof.aux_s_per_value * B * (vin + vout)
-        send = sc.c(B * vout * dt) + sc.c(B * vin * dt)
-        per_rank.append(fb[k] + opt[k] + aux + send)
-        sent.append(B * (vin + vout) * dt)
+        aux = prof.aux_s_per_value * b * (vin + vout)
+        send = sc.c(b * vout * dt) + sc.c(b * vin * dt)
+        per_rank.append(fb[k] + opt[k] + aux + send + exposed[k])
+        sent.append(b * (vin + vout) * dt + ar_bytes[k])
     par_step = max(per_rank) + guard
     # serial phase
     if sc.serial_executor == "pipeline":
-        ser_step, _, _ = _pipeline(st, sc)
+        ser_step, _, _ = _pipeline(st, sc, b, K * D)
+        if D > 1:  # the reduce hides only behind the backward of the last micro-batch
+            mb = st.sum(b // sc.microbatches, "bwd")
+            ser_step += max(exposed_allreduce_time(ar[k], mb[k]) for k in range(K))
     else:
-        ser_step = sum(fb) + 2 * sum(sc.c(4 * B * st.v[k]) for k in range(1, K)) + max(opt) + guard
-    # re-initialization: a no-grad forward over the training set, pipelined over batches
-    R = math.ceil(prof.train_samples / B)
-    ng = st.sum(B, "fwd_nograd")
-    u = [ng[k] + sc.c(B * _ds_values(st, k + 1, s) * dt) + prof.load(B, False) for k in range(K - 1)]
+        ser_step = sum(fb) + 2 * sum(sc.c(4 * b * st.v[k]) for k in range(1, K)) + max(opt) + guard
+        if D > 1:  # stage k's reduce also hides behind the backward of stages k-1 .. 0, which follow
+            ser_step += max(exposed_allreduce_time(ar[k], sum(bwd[:k + 1])) for k in range(K))
+    # re-initialization: a no-grad forward over the replica's shard, pipelined over its batches
+    R = math.ceil(math.ceil(prof.train_samples / D) / b)
+    ng = st.sum(b, "fwd_nograd")
+    u = [ng[k] + sc.c(b * _ds_values(st, k + 1, s) * dt) + prof.load(b, False) for k in range(K - 1)]
     reinit = sum(u) + (R - 1) * max(u)
-    par_epoch = S * (par_step + prof.load(B, False))
-    ser_epoch = S * (ser_step + prof.load(B, True))
+    par_epoch = S * (par_step + prof.load(b, False))
+    ser_epoch = S * (ser_step + prof.load(b, True))
     phases = parse_phases(sc.phases)
     total, stale, n_reinit, n_par = 0.0, True, 0, 0
     for e in range(sc.epochs):
@@ -530,7 +584,9 @@ def predict_layer_parallel(prof: Profile, K: int, sc: Scenario, method: str) -> 
     busy = max(fb[k] + opt[k] for k in range(K))
     return {"step_s": par_step, "epoch_s": total / sc.epochs, "comm_bytes_per_step": int(max(sent)),
             "idle_fraction": 1.0 - busy / par_step, "parallel_epoch_s": par_epoch, "serial_epoch_s": ser_epoch,
-            "serial_step_s": ser_step, "reinit_s": reinit, "reinits": n_reinit, "parallel_epochs": n_par}
+            "serial_step_s": ser_step, "reinit_s": reinit, "reinits": n_reinit, "parallel_epochs": n_par,
+            "dp": D, "devices": K * D, "batch_per_replica": b, "allreduce_s": max(ar),
+            "allreduce_exposed_s": max(exposed)}
 
 
 def predict_mgrit(prof: Profile, K: int, sc: Scenario) -> dict:
@@ -570,20 +626,36 @@ def predict_mgrit(prof: Profile, K: int, sc: Scenario) -> dict:
             "idle_fraction": 1.0 - max(fb) / step}
 
 
-# The registered predictors (auxpar.registry: perf="auxpar.perfmodel:predict_..."): each takes
+# The registered predictors (auxpar.registry: perf="auxpar.perfmodel:perf_..."): each takes
 # (prof, K, sc, method) and returns {"step_s", "epoch_s", "comm_bytes_per_step", "idle_fraction",
-# "note", ...}; a ConfigError means "not applicable here" and becomes an n/a row.
+# "note", "dp", "devices", ...}; a ConfigError means "not applicable here" and becomes an n/a row.
+# With sc.dp = D > 1 a predictor that models the replicas returns "dp": D; predict() turns any
+# other answer into an n/a row.
 
 def perf_serial(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
     return predict_serial(prof, sc)
 
 
 def perf_ddp(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
-    return predict_ddp(prof, K, sc)
+    """DDP on the devices of the K x D mesh: K*D ranks at B/(K*D) (K ranks when D = 1)."""
+    D = sc.dp
+    if D == 1:
+        return dict(predict_ddp(prof, K, sc), dp=1, devices=K)
+    n = K * D
+    res = predict_ddp(prof, n, sc)
+    b = sc.batch_size // n
+    ar = ring_allreduce_time(4 * sum(prof.params), n, sc.bandwidth_gbs, sc.latency_us)
+    overlapped = exposed_allreduce_time(ar, sum(prof.at(b)["bwd"]))
+    return dict(res, dp=D, devices=n, allreduce_s=ar, note=(
+        f"plain DDP over all {n} devices at batch {b}; all-reduce {1000 * ar:.2f} ms not overlapped "
+        f"({1000 * overlapped:.2f} ms exposed if overlapped with backward as in the {K}x{D} rows)"))
 
 
 def perf_pipeline(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
-    return dict(predict_pipeline(prof, K, sc), note=f"{sc.pipeline_schedule} M={sc.microbatches}")
+    if sc.dp > 1:
+        raise ConfigError(f"--method pipeline has no data-parallel replicas (--dp {sc.dp}); predict it with --dp 1")
+    return dict(predict_pipeline(prof, K, sc), note=f"{sc.pipeline_schedule} M={sc.microbatches}",
+                dp=1, devices=K)
 
 
 def perf_coupled(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
@@ -603,25 +675,39 @@ def perf_coupled(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
                 any(d % sc.ds_factor for d in shapes[st.ranges[k - 1][1]][1:]) for k in range(1, K)):
             raise ConfigError(f"--ds-factor {sc.ds_factor} does not divide a boundary resolution")
     res = predict_layer_parallel(prof, K, sc, method)
-    return dict(res, note=f"ds={sc.ds_factor} phases={sc.phases} ({res['reinits']} re-init)")
+    note = f"ds={sc.ds_factor} phases={sc.phases} ({res['reinits']} re-init)"
+    if sc.dp > 1:
+        note += (f"; {sc.dp} replicas at batch {res['batch_per_replica']}, grad all-reduce "
+                 f"{1000 * res['allreduce_s']:.2f} ms, {1000 * res['allreduce_exposed_s']:.2f} ms exposed")
+    return dict(res, note=note)
 
 
 def perf_mgrit(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
-    return dict(predict_mgrit(prof, K, sc),
+    if sc.dp > 1:
+        raise ConfigError(f"mgrit with --dp {sc.dp} is not modelled (the MGRIT cost model covers one replica); "
+                          "predict it with --dp 1")
+    return dict(predict_mgrit(prof, K, sc), dp=1, devices=K,
                 note=(f"L={sc.mgrit_levels} m={','.join(map(str, sc.mgrit_cfactor))} "
                       f"iters={sc.mgrit_fwd_iters}/{sc.mgrit_bwd_iters} (unvalidated)"))
 
 
 def predict(prof: Profile, method: str, K: int, sc: Scenario) -> dict:
-    """One prediction row; ``speedup`` is against the serial epoch time of the same profile.
-    The method's predictor is the one it registered (:mod:`auxpar.registry`)."""
+    """One prediction row; ``speedup`` is against the serial epoch time of the same profile (one
+    device, batch B). The method's predictor is the one it registered (:mod:`auxpar.registry`).
+    With ``sc.dp = D > 1`` a predictor must model the replicas and say so by returning
+    ``"dp": D`` (and its ``"devices"``); one that does not gives an n/a row, never a silent D = 1."""
     info = registry.method(method)  # an unknown name is an error that lists the methods
     base = predict_serial(prof, sc)
-    row = {"method": method, "K": K, "note": ""}
+    single = info.layout == "single"
+    D = 1 if single else sc.dp
+    row = {"method": method, "K": K, "dp": D, "devices": 1 if single else K * D, "note": ""}
     try:
         if not info.perf:
             raise ConfigError(f"no performance model for --method {method}")
         res = registry.load_target(info.perf, f"performance model of {method!r}")(prof, K, sc, method)
+        if D > 1 and res.get("dp") != D:  # a predictor that ignores sc.dp would predict D = 1
+            raise ConfigError(f"the performance model of --method {method} does not model --dp {D} "
+                              "(it predicts one replica only)")
     except ConfigError as exc:
         row.update(step_s=None, epoch_s=None, speedup=None, comm_bytes_per_step=None, idle_fraction=None,
                    note=f"n/a: {exc}")
@@ -655,6 +741,19 @@ def predict_all(prof: Profile, methods, stages: list[int], sc: Scenario) -> list
 # ---------------------------------------------------------------------------- output
 
 COLUMNS = ("method", "K", "step_s", "epoch_s", "speedup", "comm_bytes_per_step", "idle_fraction", "note")
+DP_COLUMNS = ("method", "K", "dp", "devices", "step_s", "epoch_s", "speedup", "comm_bytes_per_step",
+              "idle_fraction", "note")
+"""The columns with data-parallel replicas (any row with dp > 1); without, COLUMNS as before."""
+
+
+def _has_dp(rows: list[dict]) -> bool:
+    return any(r.get("dp", 1) > 1 for r in rows)
+
+
+def _mesh(r: dict) -> str:
+    """K x D of a row ("4x2"), or K alone where D = 1."""
+    d = r.get("dp", 1)
+    return f"{r['K']}x{d}" if d > 1 else str(r["K"])
 
 
 def _fmt(v, key: str) -> str:
@@ -674,10 +773,17 @@ def _fmt(v, key: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ["method", "K", "step", "epoch", "speedup", "sent/step/rank", "idle", "note"]
+    """The table; with replicas (dp > 1) the K column shows K x D and a devices column follows."""
+    if _has_dp(rows):
+        head = ["method", "K x D", "devices", "step", "epoch", "speedup", "sent/step/rank", "idle", "note"]
+        cells = [[r["method"], _mesh(r), str(r.get("devices", r["K"])),
+                  *(_fmt(r.get(k), k) for k in COLUMNS[2:])] for r in rows]
+    else:
+        head = ["method", "K", "step", "epoch", "speedup", "sent/step/rank", "idle", "note"]
+        cells = [[_fmt(r.get(k), k) for k in COLUMNS] for r in rows]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k), k) for k in COLUMNS) + " |")
+    for c in cells:
+        lines.append("| " + " | ".join(c) + " |")
     return "\n".join(lines)
 
 
@@ -692,6 +798,12 @@ def write_outputs(out: Path, prof: Profile, sc: Scenario, rows: list[dict], stag
               f"step = parallel-phase step for penalty/al; epoch = mean over the run incl. SPH and re-init; "
               f"sent = bytes the busiest rank sends per step; idle = share of the step the slowest rank "
               f"does not compute (communication, waiting, pipeline bubble).\n\n")
+    if _has_dp(rows):
+        header += (f"K x D = K stages x D = {sc.dp} data-parallel replicas on K*D devices: penalty/al replicas run "
+                   f"batch B/D each and average each stage's gradients over D (ring all-reduce, overlapped "
+                   f"with backward: only max(0, all-reduce - backward) counts); ddp = plain DDP over all K*D "
+                   f"devices at B/(K*D), its all-reduce not overlapped (see its note). Speedup is against "
+                   f"serial on one device at batch B.\n\n")
     md = header + markdown_table(rows) + "\n"
     warn = profile_warnings(prof)
     if warn:
@@ -699,7 +811,7 @@ def write_outputs(out: Path, prof: Profile, sc: Scenario, rows: list[dict], stag
     files = [out / "perf.md", out / "perf.csv", out / "perf.json"]
     checkpoint.write_text(md, files[0])
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=DP_COLUMNS if _has_dp(rows) else COLUMNS, extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow(r)
@@ -721,9 +833,13 @@ def plot_speedup(rows: list[dict], path: Path, prof: Profile, sc: Scenario) -> P
         raise ConfigError("the plot needs matplotlib: pip install 'auxpar[plot]', or pass --no-plot") from None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "serial"]
-    Ks = sorted({r["K"] for r in rows if r["method"] != "serial"})
+    # x = devices (K, or K*D with replicas: penalty/al K x D and ddp on K*D devices share a point)
+    mesh = {r.get("devices", r["K"]): _mesh(r) for r in rows if r["method"] != "serial"}
+    Ks = sorted(mesh)
+    dp = _has_dp(rows)
     for m in methods:
-        pts = [(r["K"], r["speedup"], r["epoch_s"]) for r in rows if r["method"] == m and r["speedup"]]
+        pts = [(r.get("devices", r["K"]), r["speedup"], r["epoch_s"]) for r in rows
+               if r["method"] == m and r["speedup"]]
         if not pts:
             continue
         style = dict(marker="o", label=m, ls="--" if m == "al" else "-")  # al costs what penalty costs
@@ -731,21 +847,23 @@ def plot_speedup(rows: list[dict], path: Path, prof: Profile, sc: Scenario) -> P
         ax2.plot([p[0] for p in pts], [p[2] for p in pts], **style)
     serial = [r for r in rows if r["method"] == "serial"]
     if Ks:
-        ax1.plot(Ks, Ks, "k--", lw=0.8, label="ideal (K)")
+        ax1.plot(Ks, Ks, "k--", lw=0.8, label="ideal (devices)" if dp else "ideal (K)")
         if serial:
             ax2.axhline(serial[0]["epoch_s"], color="k", ls=":", lw=0.8, label="serial")
-    ax1.set_xlabel("K (devices)")
+    xlabel = "devices (K x D)" if dp else "K (devices)"
+    ax1.set_xlabel(xlabel)
     ax1.set_ylabel("predicted speedup vs serial")
-    ax2.set_xlabel("K (devices)")
+    ax2.set_xlabel(xlabel)
     ax2.set_ylabel("predicted epoch time [s]")
     ax2.set_yscale("log")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xticks(Ks or [1])
-        ax.set_xticklabels([str(k) for k in (Ks or [1])])
+        ax.set_xticklabels([(f"{k}\n({mesh[k]})" if dp else str(k)) for k in (Ks or [1])])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{prof.model} on {prof.dataset}, batch {sc.batch_size}, {sc.bandwidth_gbs:g} GB/s, "
+    fig.suptitle(f"{prof.model} on {prof.dataset}, batch {sc.batch_size}, "
+                 f"{f'D = {sc.dp} replicas, ' if dp else ''}{sc.bandwidth_gbs:g} GB/s, "
                  f"{sc.latency_us:g} us (profiled on {prof.device})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -792,6 +910,10 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", default=",".join(registry.method_names()),
                    help=f"subset of {','.join(registry.method_names())}")
     p.add_argument("--balance", choices=["flops", "time"], default="flops", help="how stages are cut")
+    p.add_argument("--dp", type=int, default=1, metavar="D",
+                   help="data-parallel replicas of the K stages: penalty/al on K x D devices (batch B/D per "
+                        "replica, per-stage gradient all-reduce overlapped with backward) next to ddp on K*D "
+                        "devices (default 1; mgrit and pipeline are not modelled with D > 1)")
     p.add_argument("--norm", choices=["bn", "none"], default="bn")
     p.add_argument("--mgrit-levels", type=int, default=2)
     p.add_argument("--mgrit-cfactor", type=_int_list, default=[2], metavar="M[,M...]")
@@ -816,7 +938,8 @@ def scenario_from_args(args, cfg) -> Scenario:
         raise ConfigError(f"--bandwidth {args.bandwidth} must be > 0 (GB/s)")
     if args.latency < 0:
         raise ConfigError(f"--latency {args.latency} must be >= 0 (microseconds)")
-    for name, v in (("--ds-factor", args.ds_factor), ("--microbatches", args.microbatches),
+    dp = getattr(args, "dp", 1)
+    for name, v in (("--dp", dp), ("--ds-factor", args.ds_factor), ("--microbatches", args.microbatches),
                     ("--repeats", args.repeats), ("--mgrit-levels", args.mgrit_levels),
                     ("--mgrit-fwd-iters", args.mgrit_fwd_iters), ("--mgrit-bwd-iters", args.mgrit_bwd_iters)):
         if v < 1:
@@ -832,7 +955,7 @@ def scenario_from_args(args, cfg) -> Scenario:
                     epochs=cfg.run.epochs, serial_executor=args.serial_executor, aux_dtype=args.aux_dtype,
                     balance=args.balance, mgrit_levels=args.mgrit_levels, mgrit_cfactor=list(args.mgrit_cfactor),
                     mgrit_fwd_iters=args.mgrit_fwd_iters, mgrit_bwd_iters=args.mgrit_bwd_iters,
-                    mgrit_relax=args.mgrit_relax)
+                    mgrit_relax=args.mgrit_relax, dp=dp)
 
 
 def run(args) -> int:

@@ -3,11 +3,18 @@
 Nothing is trained and no data is read: the dataset only contributes its geometry (channels,
 image size, classes, training-set size), which is known for every built-in dataset.
 ``data.train_subset`` replaces the training-set size (it is what the aux store holds).
+
+With ``dist.dp = D`` data-parallel replicas of the K stages (world = K x D ranks, rank = d*K + k),
+replica d sees only its shard of every global batch, and the aux states (and AL multipliers) of a
+sample live only with the replica that sees it: the store of one rank holds ceil(N / D) samples of
+the one boundary it reads (rank k > 0 stores boundary k, its input). The plan reports the busiest
+rank's store (per rank) next to the total over all ranks, which D does not change.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -43,9 +50,23 @@ def dataset_geometry(data: DataConfig) -> tuple[int, int, int, int]:
     return c, s, k, (subset or n)
 
 
+def check_dp(dp, n_train: int | None = None) -> int:
+    """The data-parallel degree D as a whole number >= 1 (and at most the training samples)."""
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+        raise ConfigError(f"--dp {dp}: give the number of data-parallel replicas of the stages, a whole "
+                          "number >= 1 (world = K x D ranks; 1 = no replicas)")
+    if n_train is not None and dp > n_train:
+        raise ConfigError(f"--dp {dp} is more replicas than the {n_train:,} training samples; every replica "
+                          "needs a shard of the data")
+    return dp
+
+
 def make_plan(model: str, data: DataConfig, stages: int, split: list[int] | None = None,
-              dropout: float = 0.0) -> dict:
+              dropout: float = 0.0, dp: int = 1) -> dict:
+    check_dp(dp)
     c, size, classes, n_train = dataset_geometry(data)
+    check_dp(dp, n_train)
+    per_replica = math.ceil(n_train / dp)  # samples in the aux store of one rank (the largest shard)
     with torch.device("meta"):
         # Meta tensors: WRN-28-10 is planned without allocating its 36.5M parameters.
         net = build_model(model, in_channels=c, input_size=size, num_classes=classes, dropout=dropout)
@@ -55,15 +76,20 @@ def make_plan(model: str, data: DataConfig, stages: int, split: list[int] | None
     values_per_sample = sum(b // 4 for b in boundaries)  # fp32 bytes -> values
     memory = []
     for s in DS_FACTORS:
-        vals = 0
+        per_boundary = []  # values per sample of boundary k + 1, stored by rank k + 1 (its input)
         for r in rows[:-1]:
             ch, hh, ww = r["out_shape"]
-            vals += ch * reduced_size(hh, s) * reduced_size(ww, s)
+            per_boundary.append(ch * reduced_size(hh, s) * reduced_size(ww, s))
+        vals, busiest = sum(per_boundary), max(per_boundary, default=0)
         for name, nbytes in AUX_DTYPES.items():
+            rank_bytes = per_replica * busiest * nbytes
             memory.append({"ds_factor": s, "dtype": name, "aux_bytes": n_train * vals * nbytes,
-                           "aux_and_multiplier_bytes": 2 * n_train * vals * nbytes})
+                           "aux_and_multiplier_bytes": 2 * n_train * vals * nbytes,
+                           "aux_bytes_per_rank": rank_bytes, "aux_and_multiplier_bytes_per_rank": 2 * rank_bytes,
+                           "busiest_stage": (1 + per_boundary.index(busiest)) if per_boundary else None})
     return {
-        "model": model, "dataset": data.dataset, "stages": stages,
+        "model": model, "dataset": data.dataset, "stages": stages, "dp": dp, "world_size": stages * dp,
+        "samples_per_rank": per_replica,
         "input_shape": [c, size, size], "num_classes": classes, "train_samples": n_train,
         "train_subset": data.train_subset or None,
         "params": count_parameters(net), "stage_rows": rows,
@@ -103,11 +129,20 @@ def format_plan(plan: dict) -> str:
         lines.append(f"training subset: {plan['train_subset']:,} samples (data.train_subset; fixed, "
                      "class-stratified)")
     if plan["stages"] > 1:
+        dp = plan.get("dp", 1)
         lines.append(f"aux-state memory for {plan['train_samples']:,} training samples "
                      "(all boundaries; DS factor s stores each state at 1/s resolution per side, rounded up):")
+        if dp > 1:
+            lines.append(f"  --dp {dp}: {plan['stages']} stages x {dp} replicas = {plan['world_size']} ranks; "
+                         f"a rank stores its replica's {plan['samples_per_rank']:,} samples (ceil(N/D)) "
+                         "of its input boundary")
+        else:
+            lines.append("  per rank = the busiest rank: rank k > 0 stores its input boundary k")
         for m in plan["aux_memory"]:
             lines.append(f"  s={m['ds_factor']} {m['dtype']:>4}: aux {_human(m['aux_bytes']):>10}   "
-                         f"with multipliers {_human(m['aux_and_multiplier_bytes']):>10}")
+                         f"with multipliers {_human(m['aux_and_multiplier_bytes']):>10}   "
+                         f"| per rank: aux {_human(m['aux_bytes_per_rank']):>10}   "
+                         f"with multipliers {_human(m['aux_and_multiplier_bytes_per_rank']):>10}")
     return "\n".join(lines)
 
 
