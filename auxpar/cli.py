@@ -347,15 +347,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(exc: AuxparError) -> None:
-    """Print a user error once: rank 0 speaks for errors every rank hits, others add their rank."""
+    """Print a user error once: rank 0 speaks for errors every rank hits, others add their rank.
+    On several nodes (torchrun --nnodes N) the first local rank of every node speaks too, so
+    each node's log holds the error."""
     from auxpar.distributed import env_layout
 
     try:
-        rank, world, _, _ = env_layout()
+        rank, world, local_rank, local_world = env_layout()
     except AuxparError:
-        rank, world = 0, 1
-    if world > 1 and rank != 0 and getattr(exc, "same_on_every_rank", False):
-        return  # every rank raised the same error; rank 0 reports it
+        rank, world, local_rank, local_world = 0, 1, 0, 1
+    node_voice = local_rank == 0 and local_world < world
+    if world > 1 and rank != 0 and not node_voice and getattr(exc, "same_on_every_rank", False):
+        return  # every rank raised the same error; rank 0 (and each node's local rank 0) reports it
     prefix = f"[rank {rank}] " if world > 1 else ""
     print(f"auxpar: error: {prefix}{exc}", file=sys.stderr)
 

@@ -1,5 +1,6 @@
 """The training loop: read :func:`train` top to bottom.
 
+    multi-rank run with checkpoints or --resume: check that every rank sees one run directory
     decide whether this run resumes (before anything in the run directory changes)
     build data and model (one seed, whole model), decide the stage cut once, let the method slice it
     open the run directory (config.toml, metrics.jsonl)
@@ -34,11 +35,12 @@ from auxpar import checkpoint, faults
 from auxpar.resume import (CheckpointSaver, LoopState, Resume, check_compatible, load_rank_state, model_file,
                            set_rng_state, truncate_metrics)
 from auxpar.resume import resolve_resume as find_checkpoint
-from auxpar.config import Config, config_to_toml
+from auxpar.config import Config, config_to_toml, parse_every
 from auxpar.coupling import get_method
 from auxpar.coupling.base import Method
 from auxpar.data import Augment, BatchLoader, IndexSampler, default_augment, eval_batches, load_dataset
 from auxpar.distributed import DistInfo, all_reduce_, barrier, reduce_floats
+from auxpar.shared_fs import check_shared_run_dir
 from auxpar.timing import sync
 from auxpar.errors import ConfigError, TrainingError
 from auxpar.metrics import MetricsWriter, peak_memory_bytes
@@ -62,6 +64,8 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
     method_cls = get_method(cfg.run.method)
     method_cls.check_layout(cfg, info)
     run_dir = cfg.run_dir()
+    if needs_shared_run_dir(cfg, info):
+        check_shared_run_dir(run_dir, info)  # before any rank reads or writes a checkpoint
     resume = resolve_resume(cfg, info, run_dir, overwrite)  # before anything in run_dir changes
 
     # ---- data and model: the whole model from one seed, so parameters do not depend on K
@@ -127,6 +131,14 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------- setting up
+
+def needs_shared_run_dir(cfg: Config, info: DistInfo) -> bool:
+    """Checkpoints (written, or read by --resume) need one run directory that every rank sees:
+    each rank writes its file and rank 0's manifest lists them all. Without them a multi-node run
+    may use node-local directories (only the log rank writes there)."""
+    return info.distributed and info.world_size > 1 and (
+        parse_every(cfg.run.checkpoint_every)[0] != "off" or bool(cfg.run.resume))
+
 
 def resolve_resume(cfg: Config, info: DistInfo, run_dir: Path, overwrite: bool) -> Resume | None:
     """The checkpoint this run continues from (checked against this run), or None to start
