@@ -30,9 +30,9 @@ from auxpar.trainer import needs_shared_run_dir
 from conftest import ROOT, cli_env, read_summary
 from mp_harness import run_ranks
 
-METHOD_ARGS = ["--method", "mgrit", "--stages", "2", "--dp", "2"]
-"""4 ranks = 2 nodes x 2 ranks. To switch to penalty K=2 x D=2 once --dp exists for penalty:
-["--method", "penalty", "--stages", "2", "--dp", "2"]."""
+METHOD_ARGS = ["--method", "penalty", "--stages", "2", "--dp", "2"]
+"""4 ranks = 2 nodes x 2 ranks: penalty on a K = 2 x D = 2 mesh (rank = d * K + k, so each node
+holds one replica's two stages and only the replicas' gradient all-reduce crosses nodes)."""
 
 TINY = ["--dataset", "digits", "--model", "resnet14", "--seed", "0", "--threads", "1", "--progress", "off"]
 NOT_SHARED = "is not on a filesystem shared by all ranks"

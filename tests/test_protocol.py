@@ -148,6 +148,20 @@ def test_protocol_penalty_al_sph_ds2(tmp_path, method, K, executor):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method,executor", [("penalty", "layer"), ("al", "pipeline")])
+def test_protocol_penalty_al_on_a_2x2_mesh(tmp_path, method, executor):
+    """K = 2 x D = 2: neighbour messages on the world group between a replica's stages, the
+    replicas' gradient all-reduce (DDP's comm hook) on each stage's replica group, the guard on
+    the world, the clip on the layer group, checkpoints and the model.pt gather."""
+    traced_run(tmp_path / "t", "train", "--method", method, "--stages", "2", "--dp", "2", *COMMON, *SPH,
+               "--ds-factor", "2", "--serial-executor", executor, "--microbatches", "2",
+               "--set", "optim.grad_clip=1.0", "--checkpoint-every", "3s", "--out", str(tmp_path / "run"))
+    assert (tmp_path / "run" / "model.pt").exists()
+    res = checked(tmp_path / "t", min_messages=3 * 4)
+    assert res["ranks"] == 4 and res["collectives"] > 0
+
+
+@pytest.mark.slow
 def test_protocol_checkpoint_resume_and_nan_guard(tmp_path):
     run = tmp_path / "run"
     base = ("train", "--method", "penalty", "--stages", "2", *COMMON, *SPH, "--checkpoint-every", "5s",
