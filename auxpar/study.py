@@ -101,7 +101,7 @@ class RunSpec:
     k: int
     """Devices along the parallel axis: stages for layer-parallel methods, ranks for ddp, 1 for serial."""
     world: int
-    """Processes of the run (K, or K * dp for mgrit)."""
+    """Processes of the run (K, or K * dp for penalty, al and mgrit on a mesh)."""
     seed: int
     settings: dict
     """The run's grid values, dotted key -> value (fixed per-method overrides are not listed)."""

@@ -30,6 +30,17 @@ batch statistics of its own input (x or U(z_k)) and updates its running statisti
 Serial phase: the true activations flow through, so running statistics track the real
 network. Re-initialization: train-mode pass, updates running statistics once more from clean
 data. Evaluation: running statistics (eval mode), layer-serial through all stages, no DS.
+
+Data parallelism (``--dp D``; the 2-D mesh of :mod:`auxpar.mesh`, rank = d * K + k): everything
+above runs per replica, on B/D samples of every global batch, with neighbours ``mesh.prev`` /
+``mesh.next`` of the replica. Replica d owns the samples ``id % D == d`` for the whole run (the
+sampler's strata, auxpar/data/loader.py), so its store holds only their aux states and
+multipliers (row ``id // D``) and its re-initialization covers only them. The training forward
+of both phases runs through DistributedDataParallel on the stage's replica group (``self.model``):
+its bucketed all-reduces average the stage's gradients over the D replicas during backward (the
+hook :func:`replica_allreduce_hook` counts their bytes). The guard spans the world, the clip's
+norm the replica's K stages. BN: per-replica batch statistics; running statistics averaged over
+the replicas at the end of every epoch. With D = 1 no group, no wrapper: the code above exactly.
 """
 
 from __future__ import annotations
