@@ -33,15 +33,16 @@ from auxpar.errors import TrainingError
 
 HOOKS = {
     # layout
-    "check_layout", "stage_name", "sampler_layout", "eval_layout", "phase", "uses_augmentation",
+    "check_layout", "stage_name", "sampler_layout", "sampler_strata", "eval_layout", "phase", "uses_augmentation",
     # set-up, epochs, steps
-    "prepare", "begin_epoch", "set_lr", "train_step", "end_epoch", "evaluate", "step_metrics",
+    "prepare", "begin_epoch", "set_lr", "train_step", "end_epoch", "evaluate", "step_metrics", "logged_loss",
+    "reduce_epoch_stats",
     # accounting and state
     "comm_bytes", "epoch_metrics", "summary_extras", "model_state", "local_model_state",
     "state_dict", "load_state_dict", "epoch_state", "load_epoch_state",
 }
 TRAINER_SETS = {"step_index", "poison", "skipped_steps"}  # set / read by the trainer, kept by the guard
-CLASS_FIELDS = {"name", "log_rank", "reduce_train_stats"}
+CLASS_FIELDS = {"name", "log_rank"}
 
 
 def test_the_interface_is_the_hooks_only():

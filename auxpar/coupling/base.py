@@ -20,7 +20,7 @@ import torch
 
 from auxpar.config import Config
 from auxpar.coupling.guard import NanGuard
-from auxpar.distributed import DistInfo, all_reduce_
+from auxpar.distributed import DistInfo
 from auxpar.precision import Precision
 
 
@@ -49,8 +49,6 @@ class Method:
     name = "base"
     log_rank = 0
     """The rank that owns the training loss and test accuracy and writes the run directory."""
-    reduce_train_stats = False
-    """True when every rank holds a share of the batch (data parallel): sum the epoch stats."""
 
     def __init__(self, cfg: Config, info: DistInfo, net: torch.nn.Module):
         self.cfg, self.info, self.net = cfg, info, net
@@ -152,11 +150,8 @@ class Method:
     def reduce_epoch_stats(self, stats: torch.Tensor) -> bool:
         """Combine the epoch sums of the ranks in place (``stats``: loss x count, correct, count,
         first step's loss x count, its count) so that ``log_rank`` holds the job's; True when
-        every rank then holds them. Default: summed over every rank for data-parallel methods
-        (``reduce_train_stats``), left alone otherwise (the log rank's own numbers are the job's)."""
-        if self.reduce_train_stats:
-            all_reduce_(self.info, stats)
-            return True
+        every rank then holds them. Default: left alone (the log rank's own numbers are the
+        job's); data-parallel methods sum them over their replicas."""
         return False
 
     def logged_loss(self, out: StepOut) -> float:

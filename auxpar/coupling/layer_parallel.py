@@ -307,26 +307,6 @@ class LayerParallelMethod(StagedMethod):
         """Rows of this replica's aux store for the sample ids ``idx`` (all owned here: id % dp == d)."""
         return idx if self.dp == 1 else torch.div(idx, self.dp, rounding_mode="floor")
 
-    @torch.no_grad()
-    def average_bn_over_replicas(self) -> None:
-        """Average the floating buffers (BN running statistics) over the D replicas of this stage,
-        so evaluation and model.pt see one network (once per epoch; no-op at dp = 1)."""
-        if self.dp == 1:
-            return
-        bufs = [b for b in self.stage.buffers() if b.is_floating_point()]
-        if not bufs:
-            return
-        flat = torch.cat([b.reshape(-1).float() for b in bufs])
-        self.mesh.all_reduce_dp(flat)
-        flat /= self.dp
-        off = 0
-        for b in bufs:
-            b.copy_(flat[off:off + b.numel()].view_as(b))
-            off += b.numel()
-
-    def end_epoch(self, epoch):
-        super().end_epoch(epoch)
-        self.average_bn_over_replicas()
 
     def phase(self, epoch):
         return phase_at(self.phases, epoch)

@@ -45,7 +45,8 @@ sets it when the method is mgrit.
 
 Data parallelism (``--dp N``): see :mod:`auxpar.mesh` for the 2-D mesh. Each replica
 solves its slice of the global batch; gradients (and the loss statistics) are averaged over the
-data-parallel group before the guard and the step. BN statistics are per replica, as in DDP.
+data-parallel group before the guard and the step. BN batch statistics are per replica, as in
+DDP; the running statistics are averaged over the replicas at the end of every epoch (StagedMethod).
 """
 
 from __future__ import annotations

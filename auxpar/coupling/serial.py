@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from auxpar.coupling.base import Method, StepOut
 from auxpar.coupling.optim import clip_global_norm_, make_sgd
+from auxpar.distributed import all_reduce_
 from auxpar.errors import DistributedError
 
 
@@ -107,7 +108,6 @@ class SerialMethod(Method):
 
 class DDPMethod(SerialMethod):
     name = "ddp"
-    reduce_train_stats = True
 
     def __init__(self, cfg, info, net):
         super().__init__(cfg, info, net)
@@ -140,6 +140,10 @@ class DDPMethod(SerialMethod):
                 f"--batch-size {cfg.data.batch_size} is the global batch and must divide evenly over "
                 f"{info.world_size} DDP ranks; use a multiple of {info.world_size}"
             )
+
+    def reduce_epoch_stats(self, stats):
+        all_reduce_(self.info, stats)  # every rank holds a share of the batch: sum the epoch stats
+        return True
 
     def sampler_layout(self):
         return self.info.world_size, self.info.rank

@@ -99,6 +99,9 @@ class StagedMethod(Method):
     """
 
     d = 0
+    dp = 1
+    """Data-parallel replicas of the stages (``--dp``; a subclass with a mesh sets it, and
+    ``self.mesh``)."""
 
     def keep_stage(self, stages) -> None:
         """Keep stage ``self.k`` of ``stages`` (on this rank's device) and build its optimizer;
@@ -138,6 +141,25 @@ class StagedMethod(Method):
         # One barrier per epoch: the epoch ends when the slowest stage has finished, so the
         # epoch time the last rank reports is the job's, not the fastest rank's.
         barrier(self.info)
+        self.average_bn_over_replicas()
+
+    @torch.no_grad()
+    def average_bn_over_replicas(self) -> None:
+        """Average the floating buffers (BN running statistics) of this stage over its replicas
+        (``--dp``: per-replica batch statistics in training), so that evaluation and model.pt
+        see one network; once per epoch, one all-reduce on the replica group; no-op at dp = 1."""
+        if self.dp == 1:
+            return
+        bufs = [b for b in self.stage.buffers() if b.is_floating_point()]
+        if not bufs:
+            return
+        flat = torch.cat([b.reshape(-1).float() for b in bufs])
+        self.mesh.all_reduce_dp(flat)
+        flat /= self.dp
+        off = 0
+        for b in bufs:
+            b.copy_(flat[off:off + b.numel()].view_as(b))
+            off += b.numel()
 
     def evaluate(self, batches):
         """Layer-serial forward over the stages (running BN statistics, no DS); any test-batch size."""

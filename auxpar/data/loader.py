@@ -59,8 +59,9 @@ class IndexSampler:
     ``r < R`` some ranks get an *empty* batch (every rank still sees the same number of batches).
     ``drop_last=True`` with fewer samples than one batch is a :class:`ConfigError`.
 
-    ``strata`` (see the module docstring) must be a multiple of ``num_replicas`` and divide
-    ``batch_size``; with ``strata > 1`` only full batches are made (``drop_last=True``).
+    ``strata`` (see the module docstring): 1 = one plain shuffle (replicas get contiguous
+    slices); above 1 it must be a multiple of ``num_replicas`` and divide ``batch_size``, and
+    only full batches are made (``drop_last=True``).
 
     Resume: :meth:`state_dict` returns ``{"epoch", "position", "seed"}`` where ``position`` is the
     number of batches already handed out this epoch; after :meth:`load_state_dict` the next
@@ -99,7 +100,7 @@ class IndexSampler:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
         self.strata = _positive_int("strata", strata)
-        if strata % num_replicas:
+        if strata > 1 and strata % num_replicas:
             raise ConfigError(f"data.strata {strata} must be a multiple of the {num_replicas} data-parallel "
                               f"replicas (each replica owns whole strata); use {num_replicas} or 0 (auto)")
         if batch_size % strata:
