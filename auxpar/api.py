@@ -17,7 +17,7 @@ summary.json, model.pt) and returns the summary. Where the processes come from:
 * under ``torchrun`` (or ``auxpar train --nproc``: ``WORLD_SIZE`` is set) it trains in this
   process, as one rank of the job; every rank calls it and gets the summary;
 * otherwise, when the run needs K > 1 processes (one per stage for pipeline / penalty / al /
-  mgrit, or ``nproc``), it starts them itself with ``torch.multiprocessing`` (start method
+  mgrit, times ``dp`` on a mesh, or ``nproc``), it starts them itself with ``torch.multiprocessing`` (start method
   "spawn", gloo on the CPU) and returns the summary the log rank wrote. Spawned processes get
   the model and the data by pickling: a model *factory* must be a module-level function (not a
   lambda or a nested function), a script must call :func:`train` under

@@ -155,7 +155,8 @@ def test_protocol_penalty_al_on_a_2x2_mesh(tmp_path, method, executor):
     the world, the clip on the layer group, checkpoints and the model.pt gather."""
     traced_run(tmp_path / "t", "train", "--method", method, "--stages", "2", "--dp", "2", *COMMON, *SPH,
                "--ds-factor", "2", "--serial-executor", executor, "--microbatches", "2",
-               "--set", "optim.grad_clip=1.0", "--checkpoint-every", "3s", "--out", str(tmp_path / "run"))
+               "--set", "optim.grad_clip=1.0", "--checkpoint-every", "3s", "--log-every", "2",
+               "--out", str(tmp_path / "run"))
     assert (tmp_path / "run" / "model.pt").exists()
     res = checked(tmp_path / "t", min_messages=3 * 4)
     assert res["ranks"] == 4 and res["collectives"] > 0
