@@ -236,27 +236,9 @@ class LayerParallelMethod(StagedMethod):
                     "replicas' gradient all-reduce wraps the stage itself, and the pipeline's precision wrapper "
                     "would sit outside it); use --precision fp32, or --serial-executor layer")
 
-    def sampler_layout(self):
-        return self.dp, self.d  # replica d trains on its slice of every global batch
-
     def sampler_strata(self):
         # the slice always holds the samples id % dp == d: the ones whose aux states live here
         return self.cfg.data.strata or self.dp
-
-    def eval_layout(self):
-        return self.dp, self.d
-
-    # neighbours on the layer axis of this replica (global ranks of the mesh)
-    @property
-    def prev_rank(self):
-        return self.mesh.prev
-
-    @property
-    def next_rank(self):
-        return self.mesh.next
-
-    def reduce_over_stages(self, t):
-        return self.mesh.all_reduce_layer(t)  # the stages of this replica (replicas count once)
 
     def logged_loss(self, out):
         if self.dp == 1 or self.k != self.K - 1:

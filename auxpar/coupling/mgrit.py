@@ -138,29 +138,11 @@ class MgritMethod(StagedMethod):
                 f"--batch-size {cfg.data.batch_size} is the global batch and must divide evenly over "
                 f"--dp {dp} replicas; use a multiple of {dp}")
 
-    def sampler_layout(self):
-        return self.dp, self.d
-
-    def eval_layout(self):
-        return self.dp, self.d
-
     def phase(self, epoch):
         return phase_at(self.phases, epoch)
 
     def uses_augmentation(self, phase):
         return True  # MGRIT states belong to no sample: augmentation in every phase
-
-    # neighbours on the layer axis of this replica (global ranks of the mesh)
-    @property
-    def prev_rank(self):
-        return self.mesh.prev
-
-    @property
-    def next_rank(self):
-        return self.mesh.next
-
-    def reduce_over_stages(self, t):
-        return self.mesh.all_reduce_layer(t)  # the stages of this replica (replicas count once)
 
     def stage_name(self, rank: int) -> str:
         k, d = rank % self.K, rank // self.K

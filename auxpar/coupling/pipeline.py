@@ -56,6 +56,7 @@ from auxpar.coupling.comm import P2P, needs_staging
 from auxpar.coupling.stages import StagedMethod
 from auxpar.distributed import all_reduce_
 from auxpar.errors import ConfigError, DistributedError
+from auxpar.mesh import Mesh
 from auxpar.timing import Clock
 
 
@@ -221,6 +222,7 @@ class PipelineMethod(StagedMethod):
     def __init__(self, cfg, info, net):
         super().__init__(cfg, info, net)
         self.K, self.k = cfg.dist.stages, info.rank
+        self.mesh = Mesh(info, self.K, 1)  # one replica: no groups, rank = k
         self.device = info.device
         # Build-then-slice: the whole net came from one seed; keep this rank's stage only.
         stages = net.partition(self.K, cfg.dist.split or None)

@@ -92,10 +92,11 @@ class StagedMethod(Method):
     """A method whose rank holds one stage of K (``self.k``, ``self.K``) of a net built whole from
     one seed and then sliced, so the parameters do not depend on K.
 
-    A subclass sets ``K``, ``k``, ``device``, calls :meth:`keep_stage`, and makes ``p2p`` (the
-    one door for its point-to-point traffic) and ``clock`` (its time split). The last stage
-    owns the loss and the accuracy (``log_rank = K - 1``); ``d`` is the data-parallel replica
-    (MGRIT ``--dp``; 0 elsewhere): only replica 0 holds the model's tensors for model.pt.
+    A subclass sets ``K``, ``k``, ``device`` and ``mesh`` (:class:`auxpar.mesh.Mesh`; with
+    ``--dp`` also ``dp`` and ``d``, the data-parallel replica), calls :meth:`keep_stage`, and makes
+    ``p2p`` (the one door for its point-to-point traffic) and ``clock`` (its time split). The
+    last stage of replica 0 owns the loss and the accuracy (``log_rank = K - 1``); only replica
+    0 holds the model's tensors for model.pt.
     """
 
     d = 0
@@ -113,20 +114,28 @@ class StagedMethod(Method):
         self.opt = make_sgd(self.stage.parameters(), self.cfg)
         self.log_rank = self.K - 1  # the last stage owns the loss and the accuracy
 
-    # neighbours on the layer axis (None at the ends); rank = k unless a mesh says otherwise
+    # The 2-D mesh (auxpar/mesh.py) every staged method has: ``self.mesh`` (a subclass makes
+    # it; dp = 1 without --dp), rank = d * K + k. Neighbours on the layer axis of this replica
+    # (None at the ends) and the replica's shard of the data:
     @property
     def prev_rank(self) -> int | None:
-        return self.k - 1 if self.k > 0 else None
+        return self.mesh.prev
 
     @property
     def next_rank(self) -> int | None:
-        return self.k + 1 if self.k < self.K - 1 else None
+        return self.mesh.next
+
+    def sampler_layout(self):
+        return self.dp, self.d  # replica d trains on its slice of every global batch
+
+    def eval_layout(self):
+        return self.dp, self.d
 
     # ---- the optimizer step ----------------------------------------------------------------
     def reduce_over_stages(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` in place over the ranks that hold the other stages of this rank's network
-        (the whole job here: one rank per stage; MGRIT: its layer group)."""
-        return all_reduce_(self.info, t)
+        """Sum ``t`` in place over the ranks that hold the other stages of this rank's network:
+        the K stages of its replica (replicas of the same parameters count once)."""
+        return self.mesh.all_reduce_layer(t)
 
     def clip_and_step(self) -> None:
         """The optimizer step, after clipping the whole network's gradient to ``optim.grad_clip``
