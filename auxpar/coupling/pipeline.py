@@ -339,8 +339,8 @@ class PipelineSerialExecutor:
         # (under --dp each replica pipelines its B / dp samples)
         problem = pipeline_problems(cfg.data.batch_size // method.dp, cfg.dist.microbatches,
                                     cfg.dist.pipeline_schedule, method.K, "--serial-executor pipeline")
-        if problem:
-            raise ConfigError(problem)
+        if problem:  # (a dataset recipe may have chosen this executor: name the way out of it too)
+            raise ConfigError(f"{problem}; or --serial-executor layer (no micro-batches)")
         check_transport(method.info.backend, method.device, "--serial-executor pipeline")
         _pipelining()
         # chunk compute goes to the method's clock as "chunk", the schedule's whole run as "pipe"
