@@ -105,9 +105,10 @@ def test_dp2_equals_dp1_at_the_same_global_batch(tmp_path, method):
     # both axes counted: the replicas' all-reduce on top of the neighbour messages
     assert sa["dp_comm_bytes"] > 0 and sb["dp_comm_bytes"] == 0
     assert sa["comm_bytes"] > sa["dp_comm_bytes"]
-    # negative control: the plain D = 1 shuffle sees other batches, so the losses differ
-    plain = _train(tmp_path / "plain", *phases, dp=1, method=method)
-    assert max(abs(x[2] - y[2]) for x, y in zip(_steps(plain), a)) > 1e-3
+    # negative control (once): the plain D = 1 shuffle sees other batches, so the losses differ
+    if method == "penalty":
+        plain = _train(tmp_path / "plain", *phases, dp=1, method=method)
+        assert max(abs(x[2] - y[2]) for x, y in zip(_steps(plain), a)) > 1e-3
 
 
 # ---------------------------------------------------------------------------- resume, errors
