@@ -36,7 +36,7 @@ FLAG_KEYS = {
     "ds_factor": ("coupling", "ds_factor"), "ds_mode": ("coupling", "ds_mode"),
     "upsample": ("coupling", "upsample"), "aux_dtype": ("coupling", "aux_dtype"),
     "aux_device": ("coupling", "aux_device"), "phases": ("coupling", "phases"),
-    "mu_damping": ("coupling", "mu_damping"), "serial_executor": ("coupling", "serial_executor"),
+    "mu_damping": ("coupling", "mu_damping"), "stage_input": ("coupling", "stage_input"), "serial_executor": ("coupling", "serial_executor"),
     "dp": ("dist", "dp"), "microbatches": ("dist", "microbatches"),
     "pipeline_schedule": ("dist", "pipeline_schedule"), "timeout": ("dist", "timeout_s"),
     "checkpoint_every": ("run", "checkpoint_every"), "keep": ("run", "keep"),
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", action=_Renamed, new="--phases (the SPH phase list; the learning-rate "
                    "schedule is --lr-schedule)", help=argparse.SUPPRESS)
     g.add_argument("--mu-damping", type=float, help="AL multiplier damping in [0, 1)")
+    g.add_argument("--stage-input", choices=["aux", "output"],
+                   help="what a stage reads in the parallel phase: its aux states, or the last true "
+                   "output of the stage below (z then only serves as the target)")
     g.add_argument("--serial-executor", choices=["layer", "pipeline"],
                    help="SPH serial phase over the K ranks: layer-serial or micro-batched pipeline")
     g = t.add_argument_group("MGRIT (--method mgrit)")

@@ -322,6 +322,14 @@ class CouplingConfig:
     mu_order: str = "after"
     """AL: update the multipliers after the aux step (algorithms.md) or before it, from the
     current residual (then the upstream target is o - g/beta at every step; see aux_update)."""
+    stage_input: str = "aux"
+    """What a stage k > 0 reads in the parallel phase: aux (its aux states z_k, the penalty
+    problem of algorithms.md §3) or output (the last output o_k of stage k-1 that arrived for
+    the sample, i.e. the true activation of the network one visit ago; z_k = o_k - g/beta then
+    only serves as stage k-1's target). With aux, the aux step z <- o - g/beta moves the input
+    of the stage itself along its loss gradient, so that stage trains on inputs its own loss
+    has already improved; output keeps every stage on activations the network really produced.
+    Stores one more state per sample and boundary (like the AL multipliers)."""
     serial_executor: str = "layer"
     """How the serial phase runs over the K ranks: layer (activations forward, gradients back,
     one batch at a time) or pipeline (micro-batched schedule of torch.distributed.pipelining)."""
@@ -343,6 +351,7 @@ class CouplingConfig:
             raise ConfigError(f"coupling.mu_damping = {self.mu_damping} must be in [0, 1)")
         _choice("coupling.serial_executor", self.serial_executor, ("layer", "pipeline"))
         _choice("coupling.mu_order", self.mu_order, ("after", "before"))
+        _choice("coupling.stage_input", self.stage_input, ("aux", "output"))
         parse_phases(self.phases)
 
 

@@ -143,6 +143,8 @@ def format_plan(plan: dict) -> str:
                          f"with multipliers {_human(m['aux_and_multiplier_bytes']):>10}   "
                          f"| per rank: aux {_human(m['aux_bytes_per_rank']):>10}   "
                          f"with multipliers {_human(m['aux_and_multiplier_bytes_per_rank']):>10}")
+        lines.append("  (coupling.stage_input = output stores one more state per sample, the stage's true "
+                     "input: add one aux column)")
     return "\n".join(lines)
 
 

@@ -84,8 +84,8 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-def _roundtrip(rank, world, method, run_dir):
-    cfg, info, m, loader = _setup(method, rank, world, run_dir)
+def _roundtrip(rank, world, method, run_dir, extra=None):
+    cfg, info, m, loader = _setup(method, rank, world, run_dir, **(extra or {}))
     phase = "parallel" if method in ("penalty", "al") else "serial"
     _steps(m, loader, 0, phase, 2)
     loop = LoopState(epoch=0, position=2, step=2)
@@ -115,7 +115,7 @@ def _roundtrip(rank, world, method, run_dir):
     differed["rng"] = not (_equal(before["torch_rng"], mutated["torch_rng"]) or _equal(before["np"], mutated["np"]))
 
     res = resolve_resume(build_config({"run": {"resume": "latest", "method": method, "out": run_dir},
-                                       "dist": {"stages": cfg.dist.stages}}), cfg.run_dir(), info)
+                                       "dist": {"stages": cfg.dist.stages}, **(extra or {})}), cfg.run_dir(), info)
     saved = load_rank_state(res, info)
     m.load_state_dict(saved["method"])
     loop2 = LoopState()
@@ -137,8 +137,9 @@ def test_save_mutate_load_restores_everything_single_process(tmp_path, method):
         assert restored[k], f"{k} not restored"
 
 
-def test_save_mutate_load_restores_aux_states_and_multipliers_two_ranks(tmp_path):
-    out = run_ranks(_roundtrip, 2, "al", str(tmp_path / "run"))
+@pytest.mark.parametrize("stage_input", ["aux", "output"])
+def test_save_mutate_load_restores_aux_states_and_multipliers_two_ranks(tmp_path, stage_input):
+    out = run_ranks(_roundtrip, 2, "al", str(tmp_path / "run"), {"coupling": {"stage_input": stage_input}})
     for rank, (differed, restored, keys) in enumerate(out):
         for k in ("stage", "optimizer", "beta", "skipped_steps", "counters", "loop", "rng"):
             assert differed[k], f"rank {rank}: {k} did not change before the load"

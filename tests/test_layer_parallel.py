@@ -164,6 +164,49 @@ def test_aux_and_multiplier_update_by_hand():
     assert torch.allclose(z6 - mu6 / beta, o - 2 * g / beta)
 
 
+def _stage_input(rank, world, mode):
+    """Three parallel steps over one batch (lr 0.05, norm none); rank 0 also records the true
+    output of its stage before each step, rank 1 its loss and what its store holds after it."""
+    m, _, batch = _setup(rank, world, "penalty", "none", extra={"stage_input": mode})
+    m.begin_epoch(0, "parallel")
+    out = {"loss": [], "o": [], "x": [], "z": [], "bytes": m.store.nbytes if m.store is not None else 0}
+    for _ in range(3):
+        if rank == 0:
+            with torch.no_grad():
+                out["o"].append(m.stage(batch.x).clone())
+        so = m.train_step(batch, "parallel", None)
+        m._j = 0
+        out["loss"].append(float(so.loss))
+        if m.store is not None:
+            out["z"].append(m.store.z.clone())
+            out["x"].append(m.store.x.clone() if m.store.x is not None else None)
+    if rank == 1:
+        # what stage 1 would have lost on the stored true input of step 2 (its loss at step 3)
+        with torch.no_grad():
+            out["loss_on_x1"] = float(F.cross_entropy(m.stage(out["x"][1]), batch.y)) if mode == "output" else None
+    return out
+
+
+@pytest.mark.slow
+def test_stage_input_output_reads_the_true_activation():
+    """coupling.stage_input = output: stage 1 reads the last output of stage 0 that arrived for
+    each sample, z stays the target o - g/beta. Both modes take the same first step (after the
+    re-initialization z = x = the true activation); from the second step on the aux mode's input
+    has moved along stage 1's own gradient and the two differ."""
+    aux = run_ranks(_stage_input, 2, "aux")
+    out = run_ranks(_stage_input, 2, "output")
+    assert out[1]["loss"][0] == aux[1]["loss"][0] and out[0]["loss"][0] == aux[0]["loss"][0]
+    assert abs(out[1]["loss"][1] - aux[1]["loss"][1]) > 1e-4  # the test can tell the modes apart
+    for s in range(3):  # stored input = the true output of stage 0 at that step, exactly
+        assert torch.allclose(out[1]["x"][s], out[0]["o"][s], atol=1e-6, rtol=0)
+        assert (out[1]["z"][s] - out[1]["x"][s]).abs().max() > 1e-6  # z = o - g/beta: the target
+    assert aux[1]["x"][0] is None
+    # the next step's loss is stage 1's loss on that input (up to its own step in between: lr 0.05)
+    assert out[1]["loss"][2] == pytest.approx(out[1]["loss_on_x1"], rel=0.05)
+    # one more state per sample on the rank that owns the boundary
+    assert out[1]["bytes"] == 2 * aux[1]["bytes"] > 0 and out[0]["bytes"] == aux[0]["bytes"] == 0
+
+
 def _ds_bytes(rank, world, ds, extra=None):
     m, _, batch = _setup(rank, world, "al", "bn", ds=ds, extra=extra)
     m.begin_epoch(0, "parallel")

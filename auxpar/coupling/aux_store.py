@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import torch
 
+from auxpar.errors import ConfigError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class AuxStore:
     def __init__(self, num_samples: int, shape: tuple[int, ...], *, dtype: str = "fp32",
                  placement: str = "device", device: torch.device = torch.device("cpu"),
-                 multipliers: bool = False):
+                 multipliers: bool = False, inputs: bool = False):
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         host = placement == "host"
@@ -45,12 +47,17 @@ class AuxStore:
         self.z = torch.zeros(full, dtype=self.dtype, device=self.store_device, pin_memory=pin)
         self.mu = (torch.zeros(full, dtype=self.dtype, device=self.store_device, pin_memory=pin)
                    if multipliers else None)
+        # coupling.stage_input = "output": the stage's own input, the last output of the stage
+        # below that arrived for each sample (z then only serves as that stage's target)
+        self.x = (torch.zeros(full, dtype=self.dtype, device=self.store_device, pin_memory=pin)
+                  if inputs else None)
 
     @property
     def nbytes(self) -> int:
         n = self.z.numel() * self.z.element_size()
-        if self.mu is not None:
-            n += self.mu.numel() * self.mu.element_size()
+        for extra in (self.mu, self.x):
+            if extra is not None:
+                n += extra.numel() * extra.element_size()
         return n
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -65,6 +72,12 @@ class AuxStore:
             return None
         return self.mu.index_select(0, self._rows(idx)).to(self.device, torch.float32, non_blocking=True)
 
+    def get_x(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The stored stage inputs x[idx] (None unless the store keeps them)."""
+        if self.x is None:
+            return None
+        return self.x.index_select(0, self._rows(idx)).to(self.device, torch.float32, non_blocking=True)
+
     def _to_store(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` in the store's dtype on the store's device, *complete* when this returns:
         a device->host copy is synchronous (see the module docstring); same device: a cast."""
@@ -77,6 +90,10 @@ class AuxStore:
         if self.mu is not None:
             self.mu.index_copy_(0, self._rows(idx), self._to_store(values))
 
+    def put_x(self, idx: torch.Tensor, values: torch.Tensor) -> None:
+        if self.x is not None:
+            self.x.index_copy_(0, self._rows(idx), self._to_store(values))
+
     def reset_mu(self) -> None:
         if self.mu is not None:
             self.mu.zero_()
@@ -88,9 +105,14 @@ class AuxStore:
         return float(self.mu.float().flatten(1).norm(dim=1).mean())
 
     def state_dict(self) -> dict:
-        return {"z": self.z, "mu": self.mu}
+        return {"z": self.z, "mu": self.mu, "x": self.x}
 
     def load_state_dict(self, state: dict) -> None:
         self.z.copy_(state["z"])
         if self.mu is not None and state.get("mu") is not None:
             self.mu.copy_(state["mu"])
+        if self.x is not None:
+            if state.get("x") is None:
+                raise ConfigError("the checkpoint has no stored stage inputs (it was trained with "
+                                 "coupling.stage_input = 'aux'); resume with the same coupling.stage_input")
+            self.x.copy_(state["x"])

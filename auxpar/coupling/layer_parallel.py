@@ -304,7 +304,8 @@ class LayerParallelMethod(StagedMethod):
             c = self.cfg.coupling
             rows = len(range(self.d, len(train_set), self.dp))  # this replica's samples only
             self.store = AuxStore(rows, self.ds_in.shape, dtype=c.aux_dtype,
-                                  placement=c.aux_device, device=self.device, multipliers=self.multipliers)
+                                  placement=c.aux_device, device=self.device, multipliers=self.multipliers,
+                                  inputs=c.stage_input == "output")
 
     def begin_epoch(self, epoch: int, phase: str) -> dict[str, float]:
         self.beta = beta_at(self.cfg.coupling, epoch)
@@ -352,6 +353,7 @@ class LayerParallelMethod(StagedMethod):
             else:
                 rows = self._rows(batch.idx)
                 self.store.put_z(rows, o)
+                self.store.put_x(rows, o)  # (stage_input = output: the true activation)
                 inp = self.ds_in.up(self.store.get_z(rows))
             out = None
             if self.k < self.K - 1:
@@ -401,7 +403,8 @@ class LayerParallelMethod(StagedMethod):
         with compute():
             self.stage.train()
             guard.snapshot(self.stage)  # BN running stats come back if the guard rejects the step
-            zb = batch.x if k == 0 else rec["z"].requires_grad_(True)  # N x C x H/s x W/s, fp32
+            # N x C x H/s x W/s, fp32: z_k[B], or (stage_input = output) the stored true input
+            zb = batch.x if k == 0 else rec.get("x", rec["z"]).requires_grad_(True)
             inp = zb if k == 0 else self.ds_in.up(zb)
             with amp.autocast():
                 out = self.model(amp.input(inp)).float()  # (DDP under --dp: all-reduce in backward)
@@ -442,7 +445,7 @@ class LayerParallelMethod(StagedMethod):
         o_below = out_ex.wait()[0] if k > 0 else None
         if ok and k > 0:
             with compute():
-                self._update_aux(B, zb.detach(), o_below.float(), g, rec["mu"])
+                self._update_aux(B, rec["z"].detach(), o_below.float(), g, rec["mu"])
 
         acc = self._epoch_acc  # (residuals are summed in _update_aux)
         if k < K - 1:
@@ -463,6 +466,8 @@ class LayerParallelMethod(StagedMethod):
             z = self.store.get_z(rows)
             mu = self.store.get_mu(rows)
             rec["z"], rec["mu"] = z, mu
+            if self.store.x is not None:
+                rec["x"] = self.store.get_x(rows)
             t = z if mu is None else z - mu / self.beta_in
             sends.append((t.to(self.send_dtype), self.prev_rank))
         if self.k < self.K - 1:
@@ -483,6 +488,7 @@ class LayerParallelMethod(StagedMethod):
         self.store.put_z(rows, z_new)
         if mu_new is not None:
             self.store.put_mu(rows, mu_new)
+        self.store.put_x(rows, o)  # stage_input = output: read the fresh true activation next visit
 
     # ---- accounting -----------------------------------------------------------------------
     def _zero_acc(self) -> dict:
