@@ -210,3 +210,29 @@ def test_resume_from_a_missing_or_incomplete_checkpoint_is_a_clear_error(tmp_pat
     cfg = build_config({"run": {"resume": str(d)}})
     with pytest.raises(ConfigError, match="not a complete auxpar checkpoint"):
         resolve_resume(cfg, tmp_path, DistInfo())
+
+
+def test_resume_refuses_a_different_stage_input():
+    """A checkpoint's aux store holds z (and x only under stage_input = output): resuming with the
+    other setting would read states of the wrong meaning, so it is one clear error up front."""
+    from pathlib import Path
+
+    from auxpar.resume import check_compatible, run_meta
+
+    info = DistInfo(0, 2, 0, 2, torch.device("cpu"), "gloo")
+    aux = build_config({"run": {"method": "penalty"}, "dist": {"stages": 2}})
+    out = build_config({"run": {"method": "penalty"}, "dist": {"stages": 2}, "coupling": {"stage_input": "output"}})
+    man = {"meta": run_meta(aux, info)}
+    check_compatible(man, aux, info, Path("ck"))  # same settings: fine
+    with pytest.raises(ConfigError, match=r"--stage-input aux \(checkpoint\) vs output"):
+        check_compatible(man, out, info, Path("ck"))
+    old = {"meta": {k: v for k, v in man["meta"].items() if k != "stage_input"}}  # written before the option
+    check_compatible(old, aux, info, Path("ck"))
+    with pytest.raises(ConfigError, match="--stage-input"):
+        check_compatible(old, out, info, Path("ck"))
+    # methods without aux states do not care
+    ser = build_config({"run": {"method": "serial"}})
+    ser_info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "none")
+    check_compatible({"meta": run_meta(ser, ser_info)},
+                     build_config({"run": {"method": "serial"}, "coupling": {"stage_input": "output"}}), ser_info,
+                     Path("ck"))

@@ -231,6 +231,13 @@ def test_recipe_defaults():
 
     aug = make_augment(cfg)
     assert (aug.crop_pad, aug.pad_mode, aug.flip) == (2, "zero", True)
+    # the measured penalty/AL recipe (README, Fashion-MNIST), which a user's setting overrides
+    c = cfg.coupling
+    assert (c.phases, c.serial_executor, c.stage_input) == ("serial:1,parallel:2", "pipeline", "output")
+    mine = build_config(overrides={"data": {"dataset": "fashion-mnist"}, "coupling": {"stage_input": "aux"}})
+    assert mine.coupling.stage_input == "aux" and build_config().coupling.stage_input == "aux"
+    with pytest.raises(ConfigError, match="coupling.stage_input"):
+        build_config(overrides={"coupling": {"stage_input": "true"}})
     with pytest.raises(ConfigError, match="data.train_subset"):
         build_config(overrides={"data": {"train_subset": -1}})
     with pytest.raises(ConfigError, match="fashion-mnist"):
