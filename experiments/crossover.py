@@ -42,9 +42,11 @@ COLUMNS = {"ddp": ("ddp", "parallel:2,serial:1", "layer"), "pipeline": ("pipelin
            "penalty-par": ("penalty", "parallel", "layer")}
 
 
-def scenario(B: int, bw: float, K: int, phases: str, epochs: int, serial_executor: str = "layer") -> Scenario:
+def scenario(B: int, bw: float, K: int, phases: str, epochs: int, serial_executor: str = "layer",
+             microbatches: int = 0) -> Scenario:
     return Scenario(batch_size=B, bandwidth_gbs=bw, latency_us=10.0 if bw >= 10 else 50.0,
-                    microbatches=max(8, K), phases=phases, epochs=epochs, serial_executor=serial_executor)
+                    microbatches=microbatches or max(8, K), phases=phases, epochs=epochs,
+                    serial_executor=serial_executor)
 
 
 def main() -> None:
@@ -56,6 +58,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="32,128,512")
     ap.add_argument("--bandwidths", default="1,10,100", help="GB/s")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--microbatches", type=int, default=0,
+                    help="micro-batches of the pipeline and the pipelined serial epochs (0 = max(8, K))")
     ap.add_argument("--profile", help="perf.json of an earlier run (skips profiling)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="runs/crossover")
@@ -70,8 +74,9 @@ def main() -> None:
         data = json.loads(Path(args.profile).read_text())
         prof = Profile.from_json(data.get("profile", data))
     else:
+        Ms = [args.microbatches or max(8, K) for K in Ks]
         sizes = sorted({b for B in Bs for b in [B] + [B // K for K in Ks if B % K == 0]
-                        + [B // max(8, K) for K in Ks if B % max(8, K) == 0]})
+                        + [B // M for M in Ms if B % M == 0]})
         cfg = build_config({}, {"data": {"dataset": args.dataset}, "model": {"name": args.model}})
         print(f"profiling {args.model} on {args.dataset} at batch sizes {sizes} (1 thread)", flush=True)
         prof = profile_model(args.model, args.dataset, sizes, data_cfg=cfg.data, threads=1, repeats=args.repeats,
@@ -84,7 +89,7 @@ def main() -> None:
              f"{args.epochs} epochs", "",
              f"Profile: {prof.device}, torch {prof.torch_version}, {prof.threads} thread(s), {prof.date}. "
              "Speedup = serial epoch time / the method's (SPH phases and re-initializations included). "
-             "Pipeline: 1F1B with M = max(8, K) micro-batches. penalty: SPH parallel:2,serial:1 (the "
+             f"Pipeline: 1F1B with M = {args.microbatches or 'max(8, K)'} micro-batches. penalty: SPH parallel:2,serial:1 (the "
              "default, layer-serial epochs); penalty-recipe: the fashion-mnist recipe, SPH serial:1,parallel:2 "
              "with the serial epochs as the same 1F1B pipeline; penalty-par: parallel phases only. AL costs "
              "what penalty costs. Fastest: among ddp, pipeline and the two SPH schedules.", "",
@@ -97,7 +102,8 @@ def main() -> None:
                 sp, share = {}, {}
                 for m in METHODS:
                     method, phases, executor = COLUMNS[m]
-                    row = predict(prof, method, K, scenario(B, bw, K, phases, args.epochs, executor))
+                    row = predict(prof, method, K, scenario(B, bw, K, phases, args.epochs, executor,
+                                                            args.microbatches))
                     sp[m] = row.get("speedup")
                     if m in ("penalty", "penalty-recipe") and row.get("epoch_s"):
                         ser = (args.epochs - row["parallel_epochs"]) * row["serial_epoch_s"] + row["reinits"] * row["reinit_s"]
@@ -107,7 +113,7 @@ def main() -> None:
                 cells = [f"{sp[m]:.2f}" if sp[m] is not None else "n/a" for m in METHODS]
                 shares = ", ".join(f"{share[m]:.2f}" if m in share else "n/a" for m in ("penalty", "penalty-recipe"))
                 lines.append(f"| {K} | {B} | {bw:g} | " + " | ".join(cells) + f" | {best} | "
-                             f"{bubble_fraction(K, max(8, K)):.2f} | {2 * (K - 1) / K * 4 * P / 1e6:.2f} | {shares} |")
+                             f"{bubble_fraction(K, args.microbatches or max(8, K)):.2f} | {2 * (K - 1) / K * 4 * P / 1e6:.2f} | {shares} |")
     text = "\n".join(lines) + "\n"
     (out / "crossover.md").write_text(text)
     print(text)
