@@ -135,12 +135,13 @@ SPH = ("--epochs", "3", "--phases", "parallel:1,serial:1")  # parallel -> serial
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,K,executor", [
-    ("penalty", 2, "layer"), ("al", 2, "pipeline"), ("penalty", 3, "pipeline"), ("al", 3, "layer")])
-def test_protocol_penalty_al_sph_ds2(tmp_path, method, K, executor):
+@pytest.mark.parametrize("method,K,executor,stage_input", [
+    ("penalty", 2, "layer", "aux"), ("al", 2, "pipeline", "output"), ("penalty", 3, "pipeline", "output"),
+    ("al", 3, "layer", "aux")])
+def test_protocol_penalty_al_sph_ds2(tmp_path, method, K, executor, stage_input):
     traced_run(tmp_path / "t", "train", "--method", method, "--stages", str(K), *COMMON, *SPH,
                "--ds-factor", "2", "--serial-executor", executor, "--microbatches", "4",
-               "--out", str(tmp_path / "run"))
+               "--stage-input", stage_input, "--out", str(tmp_path / "run"))
     # model.pt was gathered on the last rank through the primitive
     assert (tmp_path / "run" / "model.pt").exists()
     res = checked(tmp_path / "t", min_messages=3 * 12)
