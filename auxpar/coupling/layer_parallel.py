@@ -21,6 +21,10 @@ Definitions and deviations from algorithms.md, all deliberate:
   BatchNorm in train mode (batch statistics, as in training; running statistics are updated
   as in a training forward), dropout off. The input of stage k is U of the *stored* (rounded)
   z, so the residuals are exactly 0 right after a re-initialization, in any storage dtype.
+* ``stage_input = "output"`` (an option, not algorithms.md's problem): stage k > 0 reads x_k[B],
+  the last o_k that arrived for those samples (the true activation one visit ago), instead of
+  z_k[B]; g is the input gradient there, z_k = o_k - g/beta_k stays stage k-1's target, and
+  x_k[B] <- o_k in the aux update. No extra message; one more stored state.
 * Clipping (``optim.grad_clip``): the global 2-norm of the concatenation of every stage's
   gradient of its own local objective (penalty or CE), one float64 all-reduce over the K ranks
   after the guard, in both phases (auxpar/coupling/optim.py); not a per-stage norm.
