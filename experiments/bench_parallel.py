@@ -78,6 +78,21 @@ def per_step_time(epochs: list[dict], steps_per_epoch: int) -> float:
     return sum(e["epoch_time_s"] for e in timed) / (len(timed) * steps_per_epoch)
 
 
+def rank_compute(epochs: list[dict], steps_per_epoch: int) -> list[float]:
+    """Seconds of each rank's own compute per step over the timed epochs (the counters are
+    cumulative, so the warm-up epoch's values are subtracted)."""
+    first, last = epochs[0]["time_compute_s"], epochs[-1]["time_compute_s"]
+    n = (len(epochs) - 1) * steps_per_epoch
+    return [(b - a) / n for a, b in zip(first, last)]
+
+
+def split_of(out: Path) -> str:
+    try:
+        return ",".join(map(str, json.loads((out / "summary.json").read_text())["split"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
@@ -102,13 +117,19 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="auxpar-bench-"))
     ratios, t_ser, t_par, ratios_t, t_part, ceilings = [], [], [], [], [], []
+    computes: dict[str, list[list[float]]] = {"FLOP-balanced": [], "time-balanced": []}
+    splits: dict[str, str] = {}
     par = ["--method", "penalty", "--stages", "2", "--nproc", "2", "--phases", "parallel"]
     print(f"timing {args.model}, batch {args.batch_size}, {args.steps} steps x {args.epochs - 1} timed epochs, "
           f"{args.repeats} repeats", flush=True)
     for r in range(args.repeats):
         s = per_step_time(train(tmp / f"serial{r}", *data(args.epochs), "--method", "serial"), args.steps)
-        p = per_step_time(train(tmp / f"par{r}", *data(args.epochs), *par), args.steps)
-        pt = per_step_time(train(tmp / f"part{r}", *data(args.epochs), *par, "--balance", "time"), args.steps)
+        ep_p = train(tmp / f"par{r}", *data(args.epochs), *par)
+        ep_t = train(tmp / f"part{r}", *data(args.epochs), *par, "--balance", "time")
+        p, pt = per_step_time(ep_p, args.steps), per_step_time(ep_t, args.steps)
+        computes["FLOP-balanced"].append(rank_compute(ep_p, args.steps))
+        computes["time-balanced"].append(rank_compute(ep_t, args.steps))
+        splits["FLOP-balanced"], splits["time-balanced"] = split_of(tmp / f"par{r}"), split_of(tmp / f"part{r}")
         pair = [per_step_time(e, args.steps) for e in
                 train_together([tmp / f"pairA{r}", tmp / f"pairB{r}"], *data(args.epochs), "--method", "serial")]
         ceilings.append(sum(s / t for t in pair))
@@ -147,6 +168,13 @@ def main() -> None:
         print(f"parallel phase K=2 (2 x 1 thread, {label}) vs serial (1 x 1 thread): median speedup "
               f"{statistics.median(rs):.2f}x (min {min(rs):.2f}, max {max(rs):.2f}), "
               f"{statistics.median(ts) * 1e3:.0f} ms/step")
+        # The stages' own compute per step (median over repeats, per rank): the step cannot be
+        # shorter than the slower stage, and a perfectly balanced cut would give each rank the
+        # mean. Blocks are the unit of a cut, so the best cut may still be uneven.
+        rc = [statistics.median(c[i] for c in computes[label]) for i in range(2)]
+        print(f"    split {splits[label]}: compute per step {rc[0] * 1e3:.0f} / {rc[1] * 1e3:.0f} ms (rank 0 / 1); "
+              f"slower / mean = {max(rc) / statistics.mean(rc):.2f}; with a perfect balance the step would "
+              f"be {statistics.mean(rc) * 1e3:.0f} ms + exchange")
     print(f"ceiling of this machine for 2 processes (two independent serial runs at once, summed speed "
           f"relative to one alone): median {statistics.median(ceilings):.2f}x (min {min(ceilings):.2f}, "
           f"max {max(ceilings):.2f})")

@@ -317,6 +317,8 @@ def test_tol_nested_and_state_dict_continue_bitwise():
         b.train_step(Batch(torch.arange(B), xb, yb), "parallel")
     sa, sb = a.stage.state_dict(), b.stage.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # the block-evaluation counter (summary.json's mgrit_block_evals) continues too
+    assert a.block_evals > 0 and b.block_evals == a.block_evals
     c, _ = _method(mg, norm="bn", net=_net(norm="bn"))  # without the warm states: not bitwise
     c.load_state_dict(dict(state, warm={"fwd": None, "bwd": None}))
     c.set_lr(0.05)

@@ -165,8 +165,9 @@ def test_cli_penalty_with_pipeline_serial_executor(tmp_path):
     out = tmp_path / "pen"
     r = run_cli("train", "--method", "penalty", "--stages", "2", "--dataset", "digits", "--epochs", "2",
                 "--phases", "parallel:1,serial:1", "--serial-executor", "pipeline", "--microbatches", "2",
-                "--out", str(out), "--progress", "off", timeout=240)
+                "--stage-input", "output", "--out", str(out), "--progress", "off", timeout=240)
     assert r.returncode == 0, r.stderr
     s = read_summary(out)
     assert s["serial_executor"] == "pipeline" and s["phase_times_s"]["serial"] > 0
+    assert s["stage_input"] == "output"  # summary.json says which input the stages read
     assert s["final_test_acc"] is not None and s["final_test_acc"] > 0.2

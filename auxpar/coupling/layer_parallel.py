@@ -538,7 +538,8 @@ class LayerParallelMethod(StagedMethod):
             "aux_store_bytes": int(t[:W].sum().item()), "aux_store_bytes_max_rank": int(t[:W].max().item()),
             "dp": self.dp, "dp_comm_bytes": int(t[W].item()), "ds_factor": self.cfg.coupling.ds_factor,
             "rho": self.cfg.coupling.rho, "final_beta": self.beta, "phases": self.cfg.coupling.phases,
-            "serial_executor": self.executor.name, "eval_comm_bytes": self.eval_bytes_total(),
+            "serial_executor": self.executor.name, "stage_input": self.cfg.coupling.stage_input,
+            "eval_comm_bytes": self.eval_bytes_total(),
             "time_compute_s": m["time_compute_s"], "time_comm_s": m["time_comm_s"],
             "time_wait_s": m["time_wait_s"],
         }

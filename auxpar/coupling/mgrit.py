@@ -438,7 +438,7 @@ class MgritMethod(StagedMethod):
         """The stage's state (stages.StagedMethod), the warm-start states and the run's counters."""
         warm = {key: (None if v is None else {int(p): t for p, t in v.items()}) for key, v in self.warm.items()}
         r = self._run
-        return {**super().state_dict(), "warm": warm, "dp_bytes": self.dp_bytes,
+        return {**super().state_dict(), "warm": warm, "dp_bytes": self.dp_bytes, "block_evals": self.block_evals,
                 "run": {"steps": r["steps"], "fwd_iters": r["fwd_iters"], "bwd_iters": r["bwd_iters"],
                         "rho_fwd": list(r["rho_fwd"]), "rho_bwd": list(r["rho_bwd"]),
                         "last_residuals": r.get("last_residuals")}}
@@ -448,6 +448,7 @@ class MgritMethod(StagedMethod):
         self.warm = {key: (None if v is None else {int(p): t.to(self.device) for p, t in v.items()})
                      for key, v in state.get("warm", {}).items()} or {"fwd": None, "bwd": None}
         self.dp_bytes = int(state.get("dp_bytes", 0))
+        self.block_evals = int(state.get("block_evals", 0))  # checkpoints before it was saved: counted from 0
         run = state.get("run")
         if run:
             self._run = {"steps": run["steps"], "fwd_iters": run["fwd_iters"], "bwd_iters": run["bwd_iters"],
