@@ -22,6 +22,7 @@ with ``set_defaults(func=run)``; ``run(args) -> int`` raises AuxparError for use
 # flag dest -> (section, key). Flags default to None so that only flags given override.
 FLAG_KEYS = {
     "method": ("run", "method"), "seed": ("run", "seed"), "epochs": ("run", "epochs"),
+    "max_steps": ("run", "max_steps"),
     "out": ("run", "out"), "threads": ("run", "threads"), "eval_every": ("run", "eval_every"),
     "log_every": ("run", "log_every"), "progress": ("run", "progress"),
     "model": ("model", "name"), "dropout": ("model", "dropout"), "norm": ("model", "norm"),
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--balance", choices=["flops", "time"],
                    help="default cut balanced by estimated FLOPs or by measured block time")
     t.add_argument("--epochs", type=int)
+    t.add_argument("--max-steps", dest="max_steps", type=int, metavar="N",
+                   help="stop after N training steps, inside the last epoch; the lr schedule spans "
+                        "the N steps (run.max_steps; 0 = all of --epochs)")
     t.add_argument("--batch-size", type=int, help="global batch size")
     t.add_argument("--lr", type=float, help="peak learning rate")
     t.add_argument("--momentum", type=float)

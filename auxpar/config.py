@@ -65,6 +65,11 @@ class RunConfig:
     ["my_plugin"]; also --plugin and $AUXPAR_PLUGINS."""
     seed: int = 0
     epochs: int = 10
+    max_steps: int = 0
+    """0 = every step of run.epochs; N > 0 = at most N training steps: the run stops within its
+    last epoch, and the lr schedule spans those N steps (a cosine reaches its floor at step N).
+    The study's equal-time runs with equal_time_round = "step" use it: serial given exactly a
+    layer-parallel run's training time, not the whole epochs that fit into it."""
     out: str = ""
     """Run directory; empty means runs/<method>-<model>-<dataset>-s<seed>."""
     threads: int = 0
@@ -107,6 +112,7 @@ class RunConfig:
                 f"{', '.join(registry.method_names())} (or load the plugin that registers it: run.plugins)"
             )
         _positive("run.epochs", self.epochs)
+        _nonneg("run.max_steps", self.max_steps)
         _nonneg("run.threads", self.threads)
         _positive("run.eval_every", self.eval_every)
         _nonneg("run.log_every", self.log_every)

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from auxpar.config import OptimConfig
 
 
-def lr_at(opt: "OptimConfig", epoch: float, total_epochs: int) -> float:
-    """Learning rate at fractional epoch ``epoch`` (0 <= epoch <= total_epochs).
+def lr_at(opt: "OptimConfig", epoch: float, total_epochs: float) -> float:
+    """Learning rate at fractional epoch ``epoch`` (0 <= epoch <= total_epochs; the total is
+    fractional when run.max_steps ends the run inside an epoch).
 
     * constant: ``lr``
     * step: ``lr * gamma ** floor(epoch / step_size)``
@@ -35,7 +36,7 @@ def lr_at(opt: "OptimConfig", epoch: float, total_epochs: int) -> float:
         # Milestones are whole epochs: the drop applies from the first step of that epoch.
         lr = base * opt.gamma ** sum(1 for m in opt.milestones if math.floor(epoch + 1e-9) >= m)
     elif opt.lr_schedule == "cosine":
-        t = min(max(epoch / max(total_epochs, 1), 0.0), 1.0)
+        t = min(max(epoch / total_epochs, 0.0), 1.0) if total_epochs > 0 else 1.0
         lr = opt.min_lr + (base - opt.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
     else:  # validated in OptimConfig
         raise ValueError(opt.lr_schedule)

@@ -272,7 +272,7 @@ def analyse(records: list[dict], target_acc: float | None) -> dict:
         g["split"] = {k: _mean([r["split"][k] for r in done]) for k in SPLIT_KEYS} if done else None
         jumps = [j for r in done for j in r["switch_jumps"]]
         g["switch_jump"] = _mean(jumps)
-        g["epochs"] = sorted({r["summary"].get("epochs") for r in done if r["summary"].get("epochs")})
+        g["epochs"] = sorted({_epochs_of(r["summary"]) for r in done if r["summary"].get("epochs")})
         g["split_reported"] = any(r["split"]["split"] for r in done)
         ds = {r["summary"].get("ds_factor") for r in done}
         g["ds_factor"] = ds.pop() if len(ds) == 1 else None
@@ -308,6 +308,13 @@ def fmt_ttt(ttt: tuple, target: float | None) -> str:
     if reached < n:
         text += f" ({reached}/{n} reached)"
     return text
+
+
+def _epochs_of(summary: dict):
+    """Epochs a run trained: whole, or fractional when run.max_steps cut the last one short."""
+    if summary.get("max_steps") and summary.get("epochs_trained"):
+        return round(float(summary["epochs_trained"]), 2)
+    return summary.get("epochs")
 
 
 def group_settings(g: dict) -> str:

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 
-EQUAL_TIME_KEYS = ("run.epochs", "optim.milestones", "optim.step_size", "optim.warmup_epochs")
+EQUAL_TIME_KEYS = ("run.epochs", "run.max_steps", "optim.milestones", "optim.step_size", "optim.warmup_epochs")
 """What ``equal_time`` derives when the run starts (so a finished equal-time run matches its plan
 whatever epoch count its references gave it)."""
 

@@ -75,7 +75,8 @@ same study as a file). About two minutes on a 2-core CPU (MGRIT is the slowest r
 DEFAULT_OUT_ROOT = "studies"
 
 STUDY_KEYS = ("name", "description", "config", "seeds", "target_acc", "out")
-METHOD_KEYS = ("method", "stages", "seeds", "grid", "optional", "equal_time")
+METHOD_KEYS = ("method", "stages", "seeds", "grid", "optional", "equal_time", "equal_time_round")
+EQUAL_TIME_ROUND = ("epoch", "step")
 TOP_KEYS = ("study", "base", "methods")
 
 CONTROLLED = {
@@ -111,13 +112,19 @@ class RunSpec:
     equal_time: str = ""
     """Label of the method table whose training time this run gets (``equal_time = "LABEL"``);
     its epoch count is derived when it starts (:func:`resolve_equal_time`)."""
+    equal_time_round: str = "epoch"
+    """epoch: as many whole epochs as fit (never more time than the reference); step: as many
+    steps as fit, the last epoch cut short (run.max_steps), so the time matches to one step."""
     pace: str = ""
     """Label of the full-length table of the same method whose runs give the time per epoch."""
 
     def plan_entry(self) -> dict:
-        return {"name": self.name, "label": self.label, "method": self.method, "k": self.k,
-                "world": self.world, "seed": self.seed, "settings": self.settings,
-                "optional": self.optional, "equal_time": self.equal_time, "pace": self.pace}
+        entry = {"name": self.name, "label": self.label, "method": self.method, "k": self.k,
+                 "world": self.world, "seed": self.seed, "settings": self.settings,
+                 "optional": self.optional, "equal_time": self.equal_time, "pace": self.pace}
+        if self.equal_time_round != "epoch":
+            entry["equal_time_round"] = self.equal_time_round
+        return entry
 
 
 @dataclass
@@ -273,6 +280,12 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
         equal_time = mt.get("equal_time", "")
         if not isinstance(equal_time, str) or ("equal_time" in mt and not equal_time):
             raise ConfigError(f"{where}: equal_time names another method table, e.g. equal_time = \"penalty\"")
+        rounding = mt.get("equal_time_round", "epoch")
+        if rounding not in EQUAL_TIME_ROUND:
+            raise ConfigError(f"{where}: equal_time_round = {rounding!r}; choose \"epoch\" (whole epochs that "
+                              f"fit) or \"step\" (the steps that fit, the last epoch cut short)")
+        if "equal_time_round" in mt and not equal_time:
+            raise ConfigError(f"{where}: equal_time_round needs equal_time = \"LABEL\" in the same table")
         layout = registry.method(method).layout
         if layout == "single":
             ks = _int_list(mt.get("stages", [1]), f"{where} stages")
@@ -331,7 +344,7 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
                                         + [f"s{seed}"])
                     runs.append(RunSpec(name=run_name, label=label, method=method, k=k, world=world, seed=seed,
                                         settings=settings, config=cfg.resolved(), optional=optional,
-                                        equal_time=equal_time))
+                                        equal_time=equal_time, equal_time_round=rounding))
     _link_equal_time(runs, methods, source)
     _dedupe_names(runs)
     return Study(name=study_name, source=source, description=st.get("description", ""), target_acc=target,
@@ -372,16 +385,19 @@ def equal_time_deps(study: Study, spec: RunSpec) -> list[str]:
     return [r.name for r in study.runs if r.label in (spec.equal_time, spec.pace)]
 
 
-def _scale_schedule(config: dict, epochs: int) -> dict:
-    """The same lr schedule shape over ``epochs`` instead of ``run.epochs``: epoch-valued
-    settings (milestones, step size, warm-up) scale with the run length; cosine needs nothing."""
+def _scale_schedule(config: dict, epochs: int, max_steps: int = 0, steps_per_epoch: int = 0) -> dict:
+    """The same lr schedule shape over ``epochs`` instead of ``run.epochs`` (or over
+    ``max_steps`` steps, the last of the ``epochs`` cut short): epoch-valued settings
+    (milestones, step size, warm-up) scale with the run length; cosine needs nothing."""
     cfg = copy.deepcopy(config)
-    f = epochs / cfg["run"]["epochs"]
+    length = max_steps / steps_per_epoch if max_steps else epochs
+    f = length / cfg["run"]["epochs"]
     o = cfg["optim"]
     o["milestones"] = sorted({max(1, round(m * f)) for m in o["milestones"]})
     o["step_size"] = max(1, round(o["step_size"] * f))
     o["warmup_epochs"] = round(o["warmup_epochs"] * f)
     cfg["run"]["epochs"] = epochs
+    cfg["run"]["max_steps"] = max_steps
     return cfg
 
 
@@ -389,15 +405,16 @@ def resolve_equal_time(study: Study, spec: RunSpec, study_dir: Path) -> tuple[di
     """(config, explanation) of an equal-time run: as many epochs of its own method as fit into
     the training time of its reference runs (the same seed's when there is one, else their
     mean), at the time per epoch its pace table's full-length runs measured in this study.
-    Rounded down, so the baseline never gets more time than the method it is compared with."""
-    def times(label: str, seed: int | None) -> list[tuple[float, int]]:
+    Rounded down, so the baseline never gets more time than the method it is compared with:
+    to whole epochs, or with ``equal_time_round = "step"`` to whole steps (run.max_steps)."""
+    def times(label: str, seed: int | None) -> list[tuple[float, int, int]]:
         out = []
         for r in study.runs:
             if r.label != label or (seed is not None and r.seed != seed):
                 continue
             try:
                 s = json.loads((study_dir / "runs" / r.name / "summary.json").read_text())
-                out.append((float(s["train_time_s"]), int(s["epochs"])))
+                out.append((float(s["train_time_s"]), int(s["epochs"]), int(s.get("steps") or 0)))
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         return out
@@ -410,10 +427,26 @@ def resolve_equal_time(study: Study, spec: RunSpec, study_dir: Path) -> tuple[di
             f"{spec.name}: equal_time needs finished runs of [methods.{missing}] (their training time "
             f"sets this run's epoch count); run them first (they are part of this study, or select "
             f"them with --only)")
-    budget = sum(t for t, _ in ref) / len(ref)
-    per_epoch = sum(t / e for t, e in pace) / len(pace)
+    budget = sum(t for t, _, _ in ref) / len(ref)
+    per_epoch = sum(t / e for t, e, _ in pace) / len(pace)
     full = spec.config["run"]["epochs"]
-    epochs = max(1, min(full, int(budget / per_epoch + 1e-9)))
+    if spec.equal_time_round == "step":
+        pace = [p for p in pace if p[2] > 0]
+        if not pace:
+            raise ConfigError(f"{spec.name}: equal_time_round = \"step\" needs the step counts of the "
+                              f"[methods.{spec.pace}] runs (summary.json \"steps\"); rerun them with this auxpar")
+        spe = pace[0][2] // pace[0][1]  # steps per epoch of the pace runs (same data and batch)
+        per_step = sum(t / n for t, _, n in pace) / len(pace)
+        steps = max(1, min(full * spe, int(budget / per_step + 1e-9)))
+        if steps < full * spe:
+            epochs = -(-steps // spe)
+            why = (f"equal time to [methods.{spec.equal_time}]: {budget:.1f}s of training at {per_step * 1e3:.1f}ms "
+                   f"per step ([methods.{spec.pace}]) = {steps} steps = {steps / spe:.2f} of {full} epochs "
+                   f"(run.max_steps = {steps})")
+            return _scale_schedule(spec.config, epochs, steps, spe), why
+        epochs = full
+    else:
+        epochs = max(1, min(full, int(budget / per_epoch + 1e-9)))
     why = (f"equal time to [methods.{spec.equal_time}]: {budget:.1f}s of training at {per_epoch:.2f}s per "
            f"epoch ([methods.{spec.pace}]) = {epochs} of {full} epochs")
     return _scale_schedule(spec.config, epochs), why

@@ -18,6 +18,7 @@ others stay quiet. The helpers below :func:`train` are in the order it calls the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import subprocess
@@ -86,7 +87,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
               CheckpointSaver(cfg, info, method, run_dir, len(loader), fault, arch),
               progress_bar(cfg, loop, len(loader), owner))
 
-    for epoch in range(loop.epoch, cfg.run.epochs):
+    for epoch in range(loop.epoch, run_length(cfg, len(loader))[0]):
         phase = method.phase(epoch)
         lr, epoch_time = run_epoch(run, epoch, phase)
         train_loss, train_acc, first_loss = train_stats(run, epoch)  # one sync; NaN guard
@@ -235,7 +236,7 @@ def time_balanced_split(net, cfg: Config, info: DistInfo) -> list[int]:
     # raises on rank 0 while the others already wait in the all-reduce: a hang under nccl).
     counts = torch.zeros(cfg.dist.stages, dtype=torch.float64, device=info.device)
     if info.rank == 0:
-        costs = measure_costs(net, cfg.data.batch_size, info.device)
+        costs = measure_costs(net, cfg.data.batch_size, info.device, channels_last=cfg.run.channels_last)
         counts = torch.tensor(partition_counts(costs, cfg.dist.stages), dtype=torch.float64, device=info.device)
     all_reduce_(info, counts)  # the others contributed zeros: everyone now holds rank 0's cut
     split = [int(c) for c in counts.tolist()]
@@ -312,8 +313,17 @@ def open_run_dir(cfg: Config, info: DistInfo, run_dir: Path, owner: bool, resume
     return metrics
 
 
+def run_length(cfg: Config, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs to enter, training steps in all): run.epochs whole epochs, or fewer steps with
+    run.max_steps, whose last epoch is then cut short."""
+    total = cfg.run.epochs * steps_per_epoch
+    if cfg.run.max_steps:
+        total = min(total, cfg.run.max_steps)
+    return -(-total // max(steps_per_epoch, 1)), total
+
+
 def progress_bar(cfg: Config, loop: LoopState, steps_per_epoch: int, owner: bool):
-    return tqdm(total=cfg.run.epochs * steps_per_epoch, initial=loop.step, desc=f"{cfg.run.method}", unit="step",
+    return tqdm(total=run_length(cfg, steps_per_epoch)[1], initial=loop.step, desc=f"{cfg.run.method}", unit="step",
                 disable=not (owner and _progress_enabled(cfg)), dynamic_ncols=True, leave=False)
 
 
@@ -331,7 +341,10 @@ def run_epoch(run: Run, epoch: int, phase: str) -> tuple[float, float]:
     """Train one epoch (the rest of it after a mid-epoch resume); returns (the last step's lr,
     the epoch's training seconds). Step records and mid-epoch checkpoints are written here."""
     cfg, info, method, loader, loop = run.cfg, run.info, run.method, run.loader, run.loop
-    epochs, steps_per_epoch = cfg.run.epochs, len(loader)
+    steps_per_epoch = len(loader)
+    total = run_length(cfg, steps_per_epoch)[1]
+    epochs = total / steps_per_epoch  # the lr schedule's length (fractional under run.max_steps)
+    limit = min(steps_per_epoch, total - epoch * steps_per_epoch)  # batches of this epoch to train
     lr = lr_at(cfg.optim, float(epoch), epochs)
     start = loop.position if epoch == loop.epoch else 0
     if start:
@@ -348,7 +361,8 @@ def run_epoch(run: Run, epoch: int, phase: str) -> tuple[float, float]:
             loop.phase_times[name] = loop.phase_times.get(name, 0.0) + secs
         loop.train_time += loop.reinit_time  # part of the training cost (T_reinit)
     t0 = time.perf_counter()
-    for i, (batch, next_idx) in enumerate(_lookahead(loader), start=start):
+    # (cut to `limit` before the look-ahead: no message is posted for a batch that never trains)
+    for i, (batch, next_idx) in enumerate(_lookahead(itertools.islice(loader, limit - start)), start=start):
         lr = lr_at(cfg.optim, epoch + i / steps_per_epoch, epochs)
         method.set_lr(lr)
         method.step_index = loop.step + 1
@@ -370,7 +384,7 @@ def run_epoch(run: Run, epoch: int, phase: str) -> tuple[float, float]:
                 run.metrics.step(epoch=epoch, step=loop.step, phase=phase, lr=lr, loss=loss_now, **step_extra)
                 run.bar.set_postfix(loss=f"{loss_now:.3f}")
         faults.after_step(run.fault, info.rank, loop.step)
-        if i + 1 < steps_per_epoch and run.saver.due_step(loop.step):
+        if i + 1 < limit and run.saver.due_step(loop.step):
             sync(info.device)  # the host clock is true once the queued device work has run
             seg = time.perf_counter() - t0
             loop.epoch_time += seg
@@ -419,7 +433,7 @@ def evaluate(run: Run, epoch: int) -> tuple[float | None, float | None]:
     """(test loss, test accuracy) when this epoch is evaluated (every ``eval_every`` epochs and
     after the last one), else (None, None); the method decides which ranks see which samples."""
     cfg, info, method, loop = run.cfg, run.info, run.method, run.loop
-    if (epoch + 1) % cfg.run.eval_every and epoch + 1 != cfg.run.epochs:
+    if (epoch + 1) % cfg.run.eval_every and epoch + 1 != run_length(cfg, len(run.loader))[0]:
         return None, None
     test_loss = test_acc = None
     te = time.perf_counter()
@@ -446,7 +460,7 @@ def log_epoch(run: Run, rec: dict) -> None:
     coupling_txt = ""
     if rec.get("residual"):
         coupling_txt = f" beta {rec['beta']:.3g} residual " + "/".join(f"{r:.3g}" for r in rec["residual"])
-    msg = (f"epoch {rec['epoch']:>3}/{run.cfg.run.epochs} [{rec['phase']}] loss {rec['train_loss']:.4f} "
+    msg = (f"epoch {rec['epoch']:>3}/{run_length(run.cfg, len(run.loader))[0]} [{rec['phase']}] loss {rec['train_loss']:.4f} "
            f"train {100 * rec['train_acc']:5.2f}%{test_txt} lr {rec['lr']:.4g}{coupling_txt} "
            f"{rec['epoch_time_s']:.1f}s")
     if run.bar.disable:
@@ -472,7 +486,8 @@ def summarize(run: Run, t_launch: float, n_params: int, train_samples: int) -> t
     summary = {
         "method": cfg.run.method, "model": cfg.model.name, "dataset": cfg.data.dataset,
         "world_size": info.world_size, "stages": cfg.dist.stages, "dp": cfg.dist.dp, "split": list(cfg.dist.split),
-        "epochs": cfg.run.epochs, "steps": loop.step,
+        "epochs": cfg.run.epochs, "max_steps": cfg.run.max_steps or None, "steps": loop.step,
+        "epochs_trained": round(loop.step / max(len(run.loader), 1), 3),
         "final_test_acc": last["test_acc"], "best_test_acc": loop.best_acc if loop.best_acc >= 0 else None,
         "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],
         "wall_time_s": time.perf_counter() - t_launch, "train_time_s": loop.train_time,

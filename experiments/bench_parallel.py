@@ -4,6 +4,7 @@
     python experiments/bench_parallel.py --repeats 5 --model resnet20 --batch-size 128
 
     python experiments/bench_parallel.py --dataset fashion-mnist --steps 8   # real 1x28x28 images
+    python experiments/bench_parallel.py --dataset fashion-mnist --steps 32 --channels-last
 
 1. Time per training step of the parallel phase with K = 2 processes of 1 thread each
    (``--method penalty --phases parallel``) against serial backprop in 1 process of 1 thread,
@@ -103,13 +104,16 @@ def main() -> None:
     ap.add_argument("--dataset", default="synthetic",
                     help="synthetic (3x32x32, the default) or a registered dataset, e.g. fashion-mnist "
                          "(a stratified subset of batch x steps training images)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="every run (serial, parallel, the ceiling pair) with --channels-last")
     args = ap.parse_args()
 
     n_train = args.batch_size * args.steps
 
     def data(epochs: int) -> list[str]:
         common = ["--dataset", args.dataset, "--model", args.model, "--batch-size", str(args.batch_size),
-                  "--epochs", str(epochs), "--eval-every", str(epochs), "--no-augment"]
+                  "--epochs", str(epochs), "--eval-every", str(epochs), "--no-augment",
+                  *(["--channels-last"] if args.channels_last else [])]
         if args.dataset == "synthetic":
             return common + ["--set", f"data.synthetic_num_train={n_train}", "--set", "data.synthetic_num_test=128",
                              "--set", "data.synthetic_shape=[3, 32, 32]"]
@@ -161,6 +165,8 @@ def main() -> None:
               f"al {m['aux_and_multiplier_bytes'] / 2**30:6.1f} GiB")
 
     where = "synthetic 3x32x32" if args.dataset == "synthetic" else f"{args.dataset} ({n_train}-image subset)"
+    if args.channels_last:
+        where += ", channels_last"
     print(f"\n{args.model}, batch {args.batch_size}, {where}; torch {torch.__version__}, "
           f"{platform.machine()} CPU, {os.cpu_count()} cores; {args.repeats} interleaved repeats; "
           f"serial {statistics.median(t_ser) * 1e3:.0f} ms/step")

@@ -149,6 +149,18 @@ def test_protocol_penalty_al_sph_ds2(tmp_path, method, K, executor, stage_input)
 
 
 @pytest.mark.slow
+def test_protocol_penalty_max_steps_cuts_a_parallel_epoch(tmp_path):
+    """run.max_steps ending inside a parallel epoch (epoch 3 of 4 steps stops after 2): no
+    message is posted for a batch that never trains, and the ranks still agree."""
+    traced_run(tmp_path / "t", "train", "--method", "penalty", "--stages", "2", *COMMON, *SPH,
+               "--max-steps", "10", "--out", str(tmp_path / "run"))
+    import json
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["steps"] == 10 and (tmp_path / "run" / "model.pt").exists()
+    checked(tmp_path / "t", min_messages=2 * 6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method,executor", [("penalty", "layer"), ("al", "pipeline")])
 def test_protocol_penalty_al_on_a_2x2_mesh(tmp_path, method, executor):
     """K = 2 x D = 2: neighbour messages on the world group between a replica's stages, the

@@ -249,6 +249,55 @@ def test_equal_time_runs_get_the_epochs_that_fit(tmp_path):
     assert run_state(st.runs[0], d)[0] == "changed"  # a full-length run with 1 epoch is not
 
 
+def test_equal_time_round_step_gives_the_steps_that_fit(tmp_path):
+    """equal_time_round = "step": serial gets the steps that fit into the reference's time
+    (run.max_steps, the last epoch cut short), not only whole epochs."""
+    from auxpar.study import resolve_equal_time
+
+    base = {"data": {"dataset": "digits"}, "run": {"epochs": 10},
+            "optim": {"lr_schedule": "multistep", "milestones": [5, 8]}}
+    st = parse_study({"study": {"seeds": [0]}, "base": base,
+                      "methods": {"eqt": {"method": "serial", "equal_time": "penalty", "equal_time_round": "step"},
+                                  "serial": {}, "penalty": {"stages": [2]}}})
+    eqt = next(r for r in st.runs if r.label == "eqt")
+    assert eqt.equal_time_round == "step" and st.runs[0].equal_time_round == "epoch"
+
+    def done(name, secs, epochs, steps=None):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True, exist_ok=True)
+        rec = {"train_time_s": secs, "epochs": epochs}
+        if steps is not None:
+            rec["steps"] = steps
+        (d / "summary.json").write_text(json.dumps(rec))
+
+    done("serial-s0", 32.0, 10)  # no step count (an older summary): "step" cannot use it
+    done("penalty-k2-s0", 17.0, 10, 200)
+    with pytest.raises(ConfigError, match=r"equal_time_round = \"step\" needs the step counts"):
+        resolve_equal_time(st, eqt, tmp_path)
+    done("serial-s0", 32.0, 10, 200)  # 20 steps per epoch, 0.16 s per step
+    cfg, why = resolve_equal_time(st, eqt, tmp_path)
+    # 17.0 / 0.16 = 106.25 -> 106 steps = 5.3 epochs: 6 epochs entered, the 6th cut after 6 steps
+    assert cfg["run"]["max_steps"] == 106 and cfg["run"]["epochs"] == 6, cfg["run"]
+    assert "106 steps = 5.30 of 10 epochs" in why
+    assert cfg["optim"]["milestones"] == [3, 4]  # the shape over 5.3 epochs: 5 * 0.53, 8 * 0.53
+    # whole epochs would floor to 5 (16.0 s): the step budget gives serial the 1.0 s left over
+    st2 = parse_study({"study": {"seeds": [0]}, "base": base,
+                       "methods": {"eqt": {"method": "serial", "equal_time": "penalty"},
+                                   "serial": {}, "penalty": {"stages": [2]}}})
+    cfg2, _ = resolve_equal_time(st2, next(r for r in st2.runs if r.label == "eqt"), tmp_path)
+    assert cfg2["run"]["epochs"] == 5 and cfg2["run"]["max_steps"] == 0
+    # a reference longer than the full run: the full run, no step limit
+    done("penalty-k2-s0", 99.0, 10, 200)
+    cfg, why = resolve_equal_time(st, eqt, tmp_path)
+    assert cfg["run"]["epochs"] == 10 and cfg["run"]["max_steps"] == 0 and "10 of 10 epochs" in why
+    # bad values and a rounding without equal_time are one clear error each
+    with pytest.raises(ConfigError, match=r"equal_time_round = 'minute'; choose \"epoch\""):
+        parse_study({"base": base, "methods": {"serial": {}, "penalty": {"stages": [2]}, "eqt": {
+            "method": "serial", "equal_time": "penalty", "equal_time_round": "minute"}}})
+    with pytest.raises(ConfigError, match="equal_time_round needs equal_time"):
+        parse_study({"base": base, "methods": {"serial": {"equal_time_round": "step"}}})
+
+
 def test_switch_jumps_read_the_first_serial_step():
     from auxpar.report import switch_jumps
 

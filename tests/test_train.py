@@ -63,6 +63,28 @@ def test_short_run_outputs_and_no_overwrite(tmp_path):
     assert json.loads((out / "summary.json").read_text())["seed"] == 1
 
 
+def test_max_steps_ends_inside_an_epoch_with_the_whole_cosine(tmp_path):
+    """run.max_steps = 30 on digits (22 steps per epoch at batch 64): 2 epochs entered, the
+    second cut after 8 steps, evaluated at the end, and the cosine spans the 30 steps."""
+    import math
+
+    out = tmp_path / "ms"
+    r = run_cli("train", "--method", "serial", "--dataset", "digits", "--epochs", "3", "--max-steps", "30",
+                "--log-every", "1", "--threads", "1", "--progress", "off", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    s = read_summary(out)
+    assert (s["steps"], s["max_steps"], s["epochs"]) == (30, 30, 3)
+    assert s["epochs_trained"] == pytest.approx(30 / 22, abs=1e-3) and s["final_test_acc"] is not None
+    recs = read_metrics(out / "metrics.jsonl")
+    steps = [x for x in recs if x["kind"] == "step"]
+    epochs = [x for x in recs if x["kind"] == "epoch"]
+    assert len(steps) == 30 and [e["step"] for e in epochs] == [22, 30]
+    assert epochs[-1]["test_acc"] is not None  # the cut epoch is the last: evaluated
+    for i in (0, 15, 29):  # the lr before step i+1: cosine over 30 steps, not over 3 epochs
+        assert steps[i]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * i / 30)), rel=1e-6)
+    assert "epoch   2/2" in r.stdout + r.stderr
+
+
 def test_nan_stops_with_one_clear_message(tmp_path):
     out = tmp_path / "nan"
     res = run_cli("train", "--dataset", "synthetic", "--model", "resnet20", "--epochs", "3",
