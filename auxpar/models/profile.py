@@ -42,8 +42,8 @@ def measure_costs(net: StagedNet, batch_size: int, device: torch.device,
     BatchNorm running statistics are saved and restored, so profiling leaves no trace on the model.
     ``channels_last`` times the blocks as ``--channels-last`` runs them (a copy of the network
     in that memory format): on a CPU it speeds the wide-image, few-channel blocks up more than
-    the others (ResNet-20 on 28x28: -23% for a 16-channel block, 0% for a 64-channel one), so
-    the time-balanced cut depends on it.
+    the others (ResNet-20 on 28x28, ``bench_parallel.py --channels-last``: the first stage's
+    compute -22%, the second's -7%), so the time-balanced cut depends on it.
     """
     if channels_last:
         net = copy.deepcopy(net).to(memory_format=torch.channels_last)
