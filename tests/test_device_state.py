@@ -105,7 +105,7 @@ def test_time_balanced_split_hands_the_collective_a_device_tensor(monkeypatch):
         seen.append(t.device)
         raise Stop  # meta tensors have no values to read back: the device is what is checked
 
-    monkeypatch.setattr(trainer, "measure_costs", lambda net, bs, device: [1.0] * 9)
+    monkeypatch.setattr(trainer, "measure_costs", lambda net, bs, device, **kw: [1.0] * 9)
     monkeypatch.setattr(trainer, "all_reduce_", fake_all_reduce)
     cfg = build_config({"dist": {"stages": 3}})
     for rank in (0, 1):
@@ -118,9 +118,19 @@ def test_time_balanced_split_hands_the_collective_a_device_tensor(monkeypatch):
 def test_time_balanced_split_on_the_cpu_single_process(monkeypatch):
     from auxpar import trainer
 
-    monkeypatch.setattr(trainer, "measure_costs", lambda net, bs, device: [1.0] * 9)
+    asked = []
+
+    def fake_costs(net, bs, device, channels_last=False):
+        asked.append(channels_last)
+        return [1.0] * 9
+
+    monkeypatch.setattr(trainer, "measure_costs", fake_costs)
     cfg = build_config({"dist": {"stages": 3}})
     assert trainer.time_balanced_split(None, cfg, DistInfo()) == [3, 3, 3]
+    # --channels-last runs are profiled in that memory format (the cut depends on it)
+    cfg = build_config({"dist": {"stages": 3}, "run": {"channels_last": True}})
+    assert trainer.time_balanced_split(None, cfg, DistInfo()) == [3, 3, 3]
+    assert asked == [False, True]
 
 
 # --------------------------------------------------------------------------- 3. host aux store
