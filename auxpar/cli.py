@@ -310,6 +310,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = build_config(file_data, overrides_from_args(args), source=args.config or "config")
     plan = make_plan(cfg.model.name, cfg.data, cfg.dist.stages, cfg.dist.split or None, cfg.model.dropout,
                      dp=cfg.dist.dp)
+    plan["cut_by"] = ("split" if cfg.dist.split else "flops" if cfg.dist.stages <= 1 or cfg.dist.balance == "flops"
+                      else "time")
     print(plan_json(plan) if args.json else format_plan(plan))
     return 0
 

@@ -125,6 +125,10 @@ def format_plan(plan: dict) -> str:
         )
     lines.append("")
     lines.append(f"balance (max stage FLOPs / mean): {plan['balance']:.3f}  (1.000 is perfect)")
+    if plan.get("cut_by") == "time":
+        lines.append("dist.balance = time: a run measures its cut when it starts (forward+backward times on its "
+                     "device), so it may differ from the FLOP-balanced cut above; the run logs it and "
+                     "summary.json records it. Plan a given cut with --split N,N,...")
     if plan.get("train_subset"):
         lines.append(f"training subset: {plan['train_subset']:,} samples (data.train_subset; fixed, "
                      "class-stratified)")

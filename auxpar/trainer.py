@@ -46,7 +46,7 @@ from auxpar.timing import sync
 from auxpar.errors import ConfigError, TrainingError
 from auxpar.metrics import MetricsWriter, peak_memory_bytes
 from auxpar.models import StagedNet, build_model, build_user_model, count_parameters, partition_counts
-from auxpar.models.profile import measure_costs
+from auxpar.models.profile import best_cut, measure_costs, neighbour_cuts, time_stage_cuts
 from auxpar.lr_schedule import lr_at
 
 log = logging.getLogger("auxpar")
@@ -231,18 +231,44 @@ def decide_split(cfg: Config, info: DistInfo, net: StagedNet, resume: Resume | N
 
 
 def time_balanced_split(net, cfg: Config, info: DistInfo) -> list[int]:
-    """Rank 0 times every block (forward + backward, batch size, this device); all ranks get its cut."""
+    """Rank 0 times every block (forward + backward, batch size, this device), cuts by those
+    times, then times whole stages of that cut and of its neighbours (each boundary moved by one
+    block) and keeps the cut whose slowest stage is fastest; all ranks get its cut."""
     # Every tensor handed to the collective lives on info.device (a CPU tensor added to a CUDA one
     # raises on rank 0 while the others already wait in the all-reduce: a hang under nccl).
     counts = torch.zeros(cfg.dist.stages, dtype=torch.float64, device=info.device)
-    if info.rank == 0:
-        costs = measure_costs(net, cfg.data.batch_size, info.device, channels_last=cfg.run.channels_last)
-        counts = torch.tensor(partition_counts(costs, cfg.dist.stages), dtype=torch.float64, device=info.device)
+    grid = None
+    if cfg.run.method == "mgrit":
+        # MGRIT's boundaries must lie on the coarsest grid: the measured block costs deal its
+        # coarse intervals to the ranks (no whole-stage refinement: a neighbour is off the grid).
+        # Every rank first cuts by FLOPs, so a grid that cannot be cut fails on all of them alike.
+        from auxpar.mgrit.grid import build_hierarchy, mgrit_split
+
+        grid = build_hierarchy(net.num_blocks, net.transition_indices(), cfg.mgrit.levels, cfg.mgrit.cfactor,
+                               net.name)
+        stem_c, block_c, head_c = net.costs()
+        mgrit_split(grid, cfg.dist.stages, block_c, None, stem_c, head_c, net.name)
+    if info.rank == 0 and grid is not None:
+        stem_c, block_c, head_c = measure_costs(net, cfg.data.batch_size, info.device,
+                                                channels_last=cfg.run.channels_last)
+        split = mgrit_split(grid, cfg.dist.stages, block_c, None, stem_c, head_c, net.name)
+        log.info("time-balanced split on the coarsest MGRIT grid (measured block times): %s",
+                 ",".join(map(str, split)))
+        counts = torch.tensor(split, dtype=torch.float64, device=info.device)
+    elif info.rank == 0:
+        bs, cl = cfg.data.batch_size, cfg.run.channels_last
+        first = partition_counts(measure_costs(net, bs, info.device, channels_last=cl), cfg.dist.stages)
+        candidates = neighbour_cuts(first)
+        times = time_stage_cuts(net, candidates, bs, info.device, channels_last=cl)
+        best = best_cut(candidates, times)
+        log.info("time-balanced split: block times give %s; whole stages timed (ms per step): %s -> %s",
+                 ",".join(map(str, first)),
+                 "; ".join(f"{','.join(map(str, c))}: {' / '.join(f'{t * 1e3:.0f}' for t in ts)}"
+                           for c, ts in zip(candidates, times)),
+                 ",".join(map(str, candidates[best])))
+        counts = torch.tensor(candidates[best], dtype=torch.float64, device=info.device)
     all_reduce_(info, counts)  # the others contributed zeros: everyone now holds rank 0's cut
-    split = [int(c) for c in counts.tolist()]
-    if info.rank == 0:
-        log.info("time-balanced split (measured forward+backward per block): %s", ",".join(map(str, split)))
-    return split
+    return [int(c) for c in counts.tolist()]
 
 
 def make_loader(cfg: Config, info: DistInfo, method: Method, train_set, data: Any = None) -> BatchLoader:

@@ -8,8 +8,9 @@
 
 1. Time per training step of the parallel phase with K = 2 processes of 1 thread each
    (``--method penalty --phases parallel``) against serial backprop in 1 process of 1 thread,
-   on the same model, batch and synthetic 3x32x32 data, with the default FLOP-balanced split and
-   with the time-balanced split (``--balance time``: measured forward+backward per block).
+   on the same model, batch and synthetic 3x32x32 data, with the FLOP-balanced split
+   (``--balance flops``) and with the time-balanced split (``--balance time``: the cut by measured
+   forward+backward per block, refined by timing whole stages of it and its neighbouring cuts).
    The first epoch of every run is warm-up and is not timed; runs of the two methods alternate
    so that drift of a shared machine hits both alike. Prints the median ratio, and beside it the
    machine's ceiling for 2 processes: two independent serial 1-thread runs started together,
@@ -128,7 +129,7 @@ def main() -> None:
           f"{args.repeats} repeats", flush=True)
     for r in range(args.repeats):
         s = per_step_time(train(tmp / f"serial{r}", *data(args.epochs), "--method", "serial"), args.steps)
-        ep_p = train(tmp / f"par{r}", *data(args.epochs), *par)
+        ep_p = train(tmp / f"par{r}", *data(args.epochs), *par, "--balance", "flops")  # (a recipe may say time)
         ep_t = train(tmp / f"part{r}", *data(args.epochs), *par, "--balance", "time")
         p, pt = per_step_time(ep_p, args.steps), per_step_time(ep_t, args.steps)
         computes["FLOP-balanced"].append(rank_compute(ep_p, args.steps))

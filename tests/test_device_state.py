@@ -106,6 +106,7 @@ def test_time_balanced_split_hands_the_collective_a_device_tensor(monkeypatch):
         raise Stop  # meta tensors have no values to read back: the device is what is checked
 
     monkeypatch.setattr(trainer, "measure_costs", lambda net, bs, device, **kw: [1.0] * 9)
+    monkeypatch.setattr(trainer, "time_stage_cuts", lambda net, cands, bs, device, **kw: [[1.0] * len(c) for c in cands])
     monkeypatch.setattr(trainer, "all_reduce_", fake_all_reduce)
     cfg = build_config({"dist": {"stages": 3}})
     for rank in (0, 1):
@@ -124,13 +125,18 @@ def test_time_balanced_split_on_the_cpu_single_process(monkeypatch):
         asked.append(channels_last)
         return [1.0] * 9
 
+    def fake_stage_times(net, cands, bs, device, channels_last=False):
+        asked.append(("stages", channels_last))
+        return [[1.0] * len(c) for c in cands]  # all alike: the block-time cut stays
+
     monkeypatch.setattr(trainer, "measure_costs", fake_costs)
+    monkeypatch.setattr(trainer, "time_stage_cuts", fake_stage_times)
     cfg = build_config({"dist": {"stages": 3}})
     assert trainer.time_balanced_split(None, cfg, DistInfo()) == [3, 3, 3]
     # --channels-last runs are profiled in that memory format (the cut depends on it)
     cfg = build_config({"dist": {"stages": 3}, "run": {"channels_last": True}})
     assert trainer.time_balanced_split(None, cfg, DistInfo()) == [3, 3, 3]
-    assert asked == [False, True]
+    assert asked == [False, ("stages", False), True, ("stages", True)]
 
 
 # --------------------------------------------------------------------------- 3. host aux store
