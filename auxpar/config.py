@@ -339,6 +339,11 @@ class CouplingConfig:
     serial_executor: str = "layer"
     """How the serial phase runs over the K ranks: layer (activations forward, gradients back,
     one batch at a time) or pipeline (micro-batched schedule of torch.distributed.pipelining)."""
+    reinit_threads: int = 0
+    """CPU threads of the ranks that compute during an aux-state re-initialization (stages 0..K-2;
+    the last stage only receives and stores). 0 = auto: those ranks also take the cores of the
+    last stages on their node, which sit idle then (K = 2 with one thread per rank: 2 threads
+    for stage 0); N > 0 = N threads. Only the re-initialization's forward pass; no effect on GPUs."""
 
     def validate(self) -> None:
         _positive("coupling.rho", self.rho)
@@ -358,6 +363,7 @@ class CouplingConfig:
         _choice("coupling.serial_executor", self.serial_executor, ("layer", "pipeline"))
         _choice("coupling.mu_order", self.mu_order, ("after", "before"))
         _choice("coupling.stage_input", self.stage_input, ("aux", "output"))
+        _nonneg("coupling.reinit_threads", self.reinit_threads)
         parse_phases(self.phases)
 
 
