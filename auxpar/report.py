@@ -639,6 +639,7 @@ def write_markdown(path: Path, plan: dict, records: list[dict], a: dict, plots, 
     if notes:
         L += ["Not drawn:", ""] + [f"- {n}" for n in notes] + [""]
 
+    L += write_ladder_and_phases(a, a.get("ladder") or [])
     L += ["## All runs", "", md_table(run_headers(a), [run_cells(r, a) for r in done]), ""]
     missing = [r for r in records if r["status"] != "complete"]
     if missing:
@@ -650,13 +651,108 @@ def write_markdown(path: Path, plan: dict, records: list[dict], a: dict, plots, 
     path.write_text("\n".join(L), encoding="utf-8")
 
 
-def write_report(study_dir: str | Path) -> dict:
+def phase_epochs(epoch_records: list[dict]) -> dict[str, list[float]]:
+    """Seconds of each parallel and each serial epoch (``epoch_time_s``, which excludes the
+    re-initialization before it), and of each re-initialization (``reinit_time_s`` > 0)."""
+    out: dict[str, list[float]] = {"parallel": [], "serial": [], "reinit": []}
+    for e in epoch_records:
+        t = e.get("epoch_time_s")
+        if isinstance(t, (int, float)) and e.get("phase") in ("parallel", "serial"):
+            out[e["phase"]].append(float(t))
+        r = e.get("reinit_time_s")
+        if isinstance(r, (int, float)) and r > 0:
+            out["reinit"].append(float(r))
+    return out
+
+
+def accuracy_ladder(a: dict, targets: list[float]) -> list[dict]:
+    """Per group and target: mean time to the target over the seeds that reach it, how many do,
+    and serial's mean time to it / the group's (the speedup to that accuracy)."""
+    rows = []
+    ref = a["ref"]
+    for g in a["groups"]:
+        done = [r for r in g["runs"] if r["summary"] is not None]
+        if not done:
+            continue
+        cells = []
+        for t in targets:
+            reached = [x for x in (time_to_target(r["epoch_records"], t) for r in done) if x is not None]
+            ref_reached = ([x for x in (time_to_target(r["epoch_records"], t) for r in ref["runs"]
+                                        if r["summary"] is not None) if x is not None] if ref else [])
+            mean, ref_mean = _mean(reached), _mean(ref_reached)
+            cells.append({"target": t, "time": mean, "n": len(reached), "of": len(done),
+                          "speedup": (ref_mean / mean) if mean and ref_mean else None})
+        rows.append({"group": g, "cells": cells})
+    return rows
+
+
+def write_ladder_and_phases(a: dict, targets: list[float]) -> list[str]:
+    """report.md sections: time to each accuracy, and the per-epoch times of the SPH phases."""
+    L: list[str] = []
+    rows = accuracy_ladder(a, targets)
+    if targets and rows:
+        L += ["## Time to accuracy", "",
+              "Mean training time to the first epoch end at or above each test accuracy, over the "
+              "seeds that reach it (reached/run), and serial's mean time to it divided by the row's "
+              "(evaluations are at epoch ends, so these move in steps of an epoch).", ""]
+        head = ["run group"] + [f"to {100 * t:.2f}%: time (s), speedup" for t in targets]
+        body = []
+        for row in rows:
+            cells = [_group_name(row["group"])]
+            for c in row["cells"]:
+                if c["time"] is None:
+                    cells.append(f"not reached (0/{c['of']})")
+                else:
+                    sp = "" if c["speedup"] is None else f", {c['speedup']:.2f}x"
+                    cells.append(f"{c['time']:.1f} ({c['n']}/{c['of']}){sp}")
+            body.append(cells)
+        L += [md_table(head, body), ""]
+    ref = a["ref"]
+    ref_epoch = None
+    if ref is not None:
+        ts = [t for r in ref["runs"] if r["summary"] is not None
+              for t in phase_epochs(r["epoch_records"])["serial"] + phase_epochs(r["epoch_records"])["parallel"]]
+        ref_epoch = _mean(ts)
+    phase_rows = []
+    for g in a["groups"]:
+        done = [r for r in g["runs"] if r["summary"] is not None]
+        per = [phase_epochs(r["epoch_records"]) for r in done]
+        par = [t for p in per for t in p["parallel"]]
+        if not par:
+            continue
+        ser = [t for p in per for t in p["serial"]]
+        re_ = [t for p in per for t in p["reinit"]]
+
+        def cell(xs, n_per_run=True):
+            if not xs:
+                return "-"
+            m = _mean(xs)
+            return f"{m:.1f} ({len(xs) // max(1, len(done))}/run)" if n_per_run else f"{m:.1f}"
+
+        phase_rows.append([_group_name(g), cell(par), fmt_num(ref_epoch / _mean(par) if ref_epoch else None),
+                           cell(ser), fmt_num(ref_epoch / _mean(ser) if ref_epoch and ser else None), cell(re_)])
+    if phase_rows:
+        L += ["## Phase times", "",
+              "Mean seconds per parallel epoch, per SPH serial epoch and per aux re-initialization "
+              "(epochs per run in brackets), and serial's mean epoch time divided by each"
+              + (f" (serial: {ref_epoch:.1f} s per epoch)" if ref_epoch else " (no serial run: n/a)") + ".", "",
+              md_table(["run group", "parallel epoch (s)", "vs serial's epoch", "serial epoch (s)",
+                        "vs serial's epoch", "re-initialization (s)"], phase_rows), ""]
+    return L
+
+
+def write_report(study_dir: str | Path, targets: list[float] | None = None) -> dict:
     """Collect the study's runs and write results.csv, report.md and plots/; returns
-    {"table": printed table, "plots": [paths], "analysis": ..., "records": ...}."""
+    {"table": printed table, "plots": [paths], "analysis": ..., "records": ...}. ``targets``:
+    more accuracies for the time-to-accuracy table (besides the plan's target_acc and
+    report_targets)."""
     study_dir = Path(study_dir)
     plan = load_plan(study_dir)
     records = collect(study_dir, plan)
     a = analyse(records, plan.get("target_acc"))
+    ladder = sorted({*(plan.get("report_targets") or []), *(targets or []),
+                     *([a["target"]] if a["target"] is not None else [])})
+    a["ladder"] = ladder
     write_csv(study_dir / "results.csv", records, a)
     plots, notes = make_plots(study_dir, a)
     write_markdown(study_dir / "report.md", plan, records, a, plots, notes)

@@ -74,7 +74,7 @@ same study as a file). About two minutes on a 2-core CPU (MGRIT is the slowest r
 
 DEFAULT_OUT_ROOT = "studies"
 
-STUDY_KEYS = ("name", "description", "config", "seeds", "target_acc", "out")
+STUDY_KEYS = ("name", "description", "config", "seeds", "target_acc", "report_targets", "out")
 METHOD_KEYS = ("method", "stages", "seeds", "grid", "optional", "equal_time", "equal_time_round")
 EQUAL_TIME_ROUND = ("epoch", "step")
 TOP_KEYS = ("study", "base", "methods")
@@ -133,14 +133,19 @@ class Study:
     source: str
     description: str = ""
     target_acc: float | None = None
+    report_targets: list[float] = field(default_factory=list)
+    """More test accuracies for the report's time-to-accuracy table (besides target_acc)."""
     out: str = ""
     runs: list[RunSpec] = field(default_factory=list)
     text: str = ""
     """The study file's text (copied to STUDY/study.toml)."""
 
     def plan(self) -> dict:
-        return {"name": self.name, "source": self.source, "description": self.description,
+        plan = {"name": self.name, "source": self.source, "description": self.description,
                 "target_acc": self.target_acc, "runs": [r.plan_entry() for r in self.runs]}
+        if self.report_targets:
+            plan["report_targets"] = list(self.report_targets)
+        return plan
 
 
 def _nest(flat: dict) -> dict:
@@ -213,6 +218,7 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
             raise ConfigError(f"{source}: study.target_acc = {target!r}: give a test accuracy as a "
                               "fraction in (0, 1], e.g. 0.93 for 93%")
         target = float(target)
+    report_targets = parse_targets(st.get("report_targets", []), f"{source}: study.report_targets")
     for key in ("description", "out", "config"):
         if key in st and not isinstance(st[key], str):
             raise ConfigError(f"{source}: study.{key} must be a string")
@@ -348,7 +354,21 @@ def parse_study(data: dict, source: str = "study", base_dir: Path | None = None,
     _link_equal_time(runs, methods, source)
     _dedupe_names(runs)
     return Study(name=study_name, source=source, description=st.get("description", ""), target_acc=target,
-                 out=st.get("out", ""), runs=runs, text=text)
+                 report_targets=report_targets, out=st.get("out", ""), runs=runs, text=text)
+
+
+def parse_targets(value, where: str) -> list[float]:
+    """Test accuracies as fractions in (0, 1]: a list, or text "0.90,0.92" (the --targets flag)."""
+    if isinstance(value, str):
+        try:
+            value = [float(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"{where} = {value!r}: give accuracies as fractions, e.g. 0.90,0.92") from None
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                          or not 0 < v <= 1 for v in value):
+        raise ConfigError(f"{where} = {value!r}: give a list of test accuracies as fractions in (0, 1], "
+                          "e.g. [0.90, 0.92]")
+    return sorted({float(v) for v in value})
 
 
 def _link_equal_time(runs: list[RunSpec], methods: dict, source: str) -> None:
@@ -905,6 +925,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rerun-changed", action="store_true",
                    help="rerun finished runs whose config differs from the study (replaces them)")
     p.add_argument("--report-only", metavar="DIR", help="only regenerate the report of an existing study directory")
+    p.add_argument("--targets", metavar="ACC,ACC", default="",
+                   help="more test accuracies for the report's time-to-accuracy table, e.g. 0.90,0.92 "
+                        "(with study.report_targets and study.target_acc)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show the traceback of errors")
     p.set_defaults(func=run)
@@ -927,6 +950,7 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: give 1 or more")
     gpus = parse_gpus(args.gpus)
+    extra = parse_targets(args.targets or "", "--targets")
     if args.report_only:
         if args.config or args.print_commands or args.dry_run:
             raise ConfigError("--report-only reads an existing study directory; drop --config, "
@@ -935,7 +959,7 @@ def run(args: argparse.Namespace) -> int:
         if not (d / "study.json").is_file():
             raise ConfigError(f"{d} is not a study directory (no study.json); give the directory an "
                               "earlier `auxpar study` wrote, e.g. studies/quick")
-        res = report.write_report(d)
+        res = report.write_report(d, targets=extra)
         print(res["table"])
         print(f"\nwrote {d / 'report.md'}, {d / 'results.csv'} and {len(res['plots'])} plot(s) in {d / 'plots'}")
         return 0
@@ -994,7 +1018,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     outcomes = execute(study, study_dir, jobs=args.jobs, rerun_changed=args.rerun_changed,
                        progress=not args.no_progress, only=only, gpus=gpus)
-    res = report.write_report(study_dir)
+    res = report.write_report(study_dir, targets=extra)
     elapsed = time.perf_counter() - t0
     print(res["table"])
     bad = [o for o in outcomes if o.status in ("failed", "changed")]

@@ -107,6 +107,8 @@ def test_setting_tags_are_readable():
     ({"study": {}, "base": {"optim": {"lrr": 1}}, "methods": {"serial": {}}}, "[base]: unknown key optim.lrr"),
     ({"study": {"seed": [0]}, "methods": {"serial": {}}}, "unknown key study.seed"),
     ({"study": {"target_acc": 93}, "methods": {"serial": {}}}, "as a fraction in (0, 1]"),
+    ({"study": {"report_targets": [0.9, 92]}, "methods": {"serial": {}}}, "study.report_targets"),
+    ({"study": {"report_targets": 0.9}, "methods": {"serial": {}}}, "give a list of test accuracies"),
     ({"sudy": {}, "methods": {"serial": {}}}, "unknown top-level key or table [sudy]"),
     ({"study": {}}, "no [methods.NAME] tables"),
     ({"study": {}, "methods": {"a": {"method": "serial"}, "b": {"method": "serial"}}}, None),
@@ -332,6 +334,44 @@ def test_time_to_target_and_time_split():
     assert sp["compute"] / sp["wait"] == pytest.approx(1.4 / 0.4)
     serial = time_split({"train_time_s": 5.0, "phase_times_s": {"serial": 5.0}}, [])
     assert serial == {"compute": 5.0, "comm": 0.0, "wait": 0.0, "serial_phase": 0.0, "split": False}
+
+
+def test_time_to_accuracy_ladder_and_phase_times(tmp_path):
+    """The report's time-to-accuracy table reads every target from the epoch records, with
+    serial's mean time to the same target over the row's; the phase table splits a layer-parallel
+    run's epochs by phase and counts its re-initializations."""
+    from auxpar.report import accuracy_ladder, analyse, phase_epochs, write_ladder_and_phases
+    from auxpar.study import parse_targets
+
+    def ep(phase, acc, t, dt, reinit=0.0):
+        return {"kind": "epoch", "phase": phase, "test_acc": acc, "train_time_s": t, "epoch_time_s": dt,
+                "reinit_time_s": reinit}
+
+    def rec(name, method, k, epochs):
+        return {"name": name, "label": method, "method": method, "k": k, "world": k, "settings": {},
+                "status": "complete", "epoch_records": epochs,
+                "summary": {"train_time_s": epochs[-1]["train_time_s"], "final_test_acc": epochs[-1]["test_acc"],
+                            "epochs": len(epochs)}}
+
+    serial = [rec(f"serial-s{i}", "serial", 1, [ep("serial", 0.80, 10.0, 10.0), ep("serial", 0.90, 20.0, 10.0),
+                                                 ep("serial", 0.92 - 0.01 * i, 30.0, 10.0)]) for i in range(2)]
+    pen = [rec("penalty-k2-s0", "penalty", 2, [ep("serial", 0.85, 7.0, 7.0), ep("parallel", 0.91, 14.0, 5.0, 2.0),
+                                               ep("parallel", 0.93, 19.0, 5.0)])]
+    a = analyse(serial + pen, 0.91)
+    rows = {r["group"]["method"]: r["cells"] for r in accuracy_ladder(a, [0.90, 0.91, 0.92])}
+    # serial: 0.90 at 20 s (both seeds), 0.91 at 30 s (seed 0 only: 0.92 and 0.91), 0.92 by seed 0 only
+    assert [(c["time"], c["n"]) for c in rows["serial"]] == [(20.0, 2), (30.0, 2), (30.0, 1)]
+    assert [(c["time"], c["n"], c["speedup"]) for c in rows["penalty"]] == [
+        (14.0, 1, pytest.approx(20 / 14)), (14.0, 1, pytest.approx(30 / 14)), (19.0, 1, pytest.approx(30 / 19))]
+    assert phase_epochs(pen[0]["epoch_records"]) == {"parallel": [5.0, 5.0], "serial": [7.0], "reinit": [2.0]}
+    text = "\n".join(write_ladder_and_phases(a, [0.90, 0.91, 0.92]))
+    assert "| penalty K=2 | 14.0 (1/1), 1.43x | 14.0 (1/1), 2.14x | 19.0 (1/1), 1.58x |" in text
+    # serial's epoch 10 s: parallel epochs 2.00x, serial ones 1.43x; one re-initialization per run
+    assert "| penalty K=2 | 5.0 (2/run) | 2.00 | 7.0 (1/run) | 1.43 | 2.0 (1/run) |" in text
+    assert "not reached (0/2)" in "\n".join(write_ladder_and_phases(a, [0.95]))
+    assert parse_targets("0.92,0.9", "--targets") == [0.9, 0.92]
+    with pytest.raises(ConfigError, match="--targets"):
+        parse_targets("90%", "--targets")
 
 
 # --------------------------------------------------------------------------- commands
