@@ -237,6 +237,10 @@ def time_balanced_split(net, cfg: Config, info: DistInfo) -> list[int]:
     # Every tensor handed to the collective lives on info.device (a CPU tensor added to a CUDA one
     # raises on rank 0 while the others already wait in the all-reduce: a hang under nccl).
     counts = torch.zeros(cfg.dist.stages, dtype=torch.float64, device=info.device)
+    # Every rank first meets here, so that rank 0 times with the others idle: one still loading
+    # its data would share the cores with the timing (seen at the start of a Fashion-MNIST study
+    # run: stage 0 of the 4, 5 cut timed at 230 ms per step, against 128-144 ms in bench_parallel).
+    all_reduce_(info, torch.zeros(1, dtype=torch.float64, device=info.device))
     grid = None
     if cfg.run.method == "mgrit":
         # MGRIT's boundaries must lie on the coarsest grid: the measured block costs deal its
