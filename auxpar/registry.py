@@ -285,11 +285,11 @@ register_dataset(
             "optim": {"lr": 0.05, "lr_schedule": "cosine", "weight_decay": 5e-4},
             "coupling": {"phases": "serial:1,parallel:2", "serial_executor": "pipeline",
                          "stage_input": "output"}},
-    # The cut stays FLOP-balanced (4, 5 blocks): the measured cut (3, 6) balanced the
-    # parallel step in bench_parallel.py on a 4,096-image subset, but in the full-set study
-    # (fashion-resnet20-full-6ep.toml, which pins dist.balance = "time") its parallel epochs ran
-    # no faster than the FLOP cut's and its pipelined serial epochs slower: its boundary
-    # (16x28x28) is twice the FLOP cut's (32x14x14) in every message and in the 60,000-row stores.
+    # The cut stays FLOP-balanced (4, 5 blocks): in the full-set study with the measured cut
+    # (3, 6) (fashion-resnet20-full-6ep.toml, which pins dist.balance = "time") the parallel
+    # epochs ran 1.64x serial's (1.62x with 4, 5 at commit b762953) and the pipelined serial
+    # epochs 1.32x (1.39x): no gain end to end, for a boundary (16x28x28) twice the FLOP cut's
+    # (32x14x14) in every message and in the 60,000-row aux stores.
     # 28x28 garments on a black background: a 2-pixel zero-padded crop (4 px on 32x32 CIFAR
     # scaled down) and flips (a mirrored shirt is still a shirt).
     augment={"crop_pad": 2, "pad_mode": "zero", "flip": True},
