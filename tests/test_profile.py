@@ -92,13 +92,15 @@ def test_time_balanced_split_keeps_the_cut_whose_slowest_whole_stage_is_fastest(
 
 
 def test_plan_says_when_the_run_measures_its_cut(capsys):
-    """dist.balance = time (the fashion-mnist recipe): the plan shows the FLOP cut and says that a
-    run measures its own; with --split or the FLOP default it says nothing of the kind."""
+    """dist.balance = time: the plan shows the FLOP cut and says that a run measures its own;
+    with --split or the FLOP default it says nothing of the kind."""
     from auxpar.cli import main
 
-    assert main(["plan", "--dataset", "fashion-mnist", "--stages", "2"]) == 0
+    assert main(["plan", "--dataset", "fashion-mnist", "--stages", "2", "--set", "dist.balance=time"]) == 0
     assert "dist.balance = time: a run measures its cut" in capsys.readouterr().out
-    assert main(["plan", "--dataset", "fashion-mnist", "--stages", "2", "--split", "3,6"]) == 0
+    assert main(["plan", "--dataset", "fashion-mnist", "--stages", "2"]) == 0  # the recipe: FLOPs
+    assert "measures its cut" not in capsys.readouterr().out
+    assert main(["plan", "--dataset", "fashion-mnist", "--stages", "2", "--set", "dist.balance=time", "--split", "3,6"]) == 0
     assert "measures its cut" not in capsys.readouterr().out
     assert main(["plan", "--dataset", "digits", "--stages", "2"]) == 0
     assert "measures its cut" not in capsys.readouterr().out
