@@ -141,7 +141,9 @@ SPH = ("--epochs", "3", "--phases", "parallel:1,serial:1")  # parallel -> serial
 def test_protocol_penalty_al_sph_ds2(tmp_path, method, K, executor, stage_input):
     traced_run(tmp_path / "t", "train", "--method", method, "--stages", str(K), *COMMON, *SPH,
                "--ds-factor", "2", "--serial-executor", executor, "--microbatches", "4",
-               "--stage-input", stage_input, "--out", str(tmp_path / "run"))
+               "--stage-input", stage_input, "--out", str(tmp_path / "run"),
+               # K = 3: the cut by measured time (its meeting all-reduce, then rank 0's cut) too
+               *(["--balance", "time"] if K == 3 else []))
     # model.pt was gathered on the last rank through the primitive
     assert (tmp_path / "run" / "model.pt").exists()
     res = checked(tmp_path / "t", min_messages=3 * 12)
