@@ -44,6 +44,7 @@ FLAG_KEYS = {
     "checkpoint_every": ("run", "checkpoint_every"), "keep": ("run", "keep"),
     "resume": ("run", "resume"), "on_nan": ("run", "on_nan"),
     "precision": ("run", "precision"), "channels_last": ("run", "channels_last"),
+    "host_memory": ("run", "host_memory"),
     "mgrit_levels": ("mgrit", "levels"), "mgrit_cfactor": ("mgrit", "cfactor"),
     "mgrit_fwd_iters": ("mgrit", "fwd_iters"), "mgrit_bwd_iters": ("mgrit", "bwd_iters"),
     "mgrit_tol": ("mgrit", "tol"), "mgrit_relax": ("mgrit", "relax"), "mgrit_nested": ("mgrit", "nested"),
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "messages keep --aux-dtype (fp32 default)")
     g.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
                    help="model/stages and 4-D inputs in torch.channels_last memory format")
+    g.add_argument("--host-memory", choices=["keep", "release"],
+                   help="keep (default): freed CPU tensor memory stays in the process and is reused, no page "
+                        "faults in the hot loop; release: glibc's defaults (large blocks go back to the kernel)")
     t.add_argument("--debug", action="store_true", help="show the traceback of errors")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 

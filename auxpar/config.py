@@ -103,6 +103,10 @@ class RunConfig:
     ResNet-20: 57 s vs 1.6 s for 6 epochs). Evaluation is always fp32."""
     channels_last: bool = False
     """Convert the model/stages and their 4-D inputs to torch.channels_last memory format."""
+    host_memory: str = "keep"
+    """keep: freed CPU tensor memory stays in the process and is reused (glibc mallopt), so the
+    hot loop takes no page faults for its activation buffers; release: glibc's defaults, which
+    give large freed blocks back to the kernel (auxpar/hostmem.py, experiments/bench_hostmem.py)."""
 
     def validate(self) -> None:
         registry.load_plugins(self.plugins)
@@ -123,6 +127,7 @@ class RunConfig:
                               "checkpoint always leaves a complete previous one")
         _choice("run.on_nan", self.on_nan, ("stop", "skip", "off"))
         _choice("run.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("run.host_memory", self.host_memory, ("keep", "release"))
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from auxpar import __version__ as auxpar_version
-from auxpar import checkpoint, faults
+from auxpar import checkpoint, faults, hostmem
 from auxpar.resume import (CheckpointSaver, LoopState, Resume, check_compatible, load_rank_state, model_file,
                            set_rng_state, truncate_metrics)
 from auxpar.resume import resolve_resume as find_checkpoint
@@ -61,6 +61,7 @@ def train(cfg: Config, info: DistInfo, t_launch: float | None = None, overwrite:
     StagedNet or (stem, blocks, head)) and data (:class:`auxpar.TensorData`); None means
     ``cfg.model.name`` / ``cfg.data.dataset``, as on the command line."""
     t_launch = time.perf_counter() if t_launch is None else t_launch
+    hostmem.configure(cfg.run.host_memory)  # before the data and the model take their memory
     fault = faults.from_env()
     method_cls = get_method(cfg.run.method)
     method_cls.check_layout(cfg, info)
@@ -525,7 +526,7 @@ def summarize(run: Run, t_launch: float, n_params: int, train_samples: int) -> t
         "peak_memory_bytes": max(mem_per_rank), "peak_memory_bytes_per_rank": mem_per_rank,
         "torch_version": torch.__version__, "auxpar_version": auxpar_version, "git_revision": git_revision(),
         "precision": cfg.run.precision, "channels_last": cfg.run.channels_last,
-        "device": str(info.device), "backend": info.backend,
+        "host_memory": hostmem.in_force(), "device": str(info.device), "backend": info.backend,
         "threads": torch.get_num_threads(), "seed": cfg.run.seed, "params": n_params,
         "aux_store_bytes": 0, "skipped_steps": skipped,
         "checkpoint_bytes": run.saver.last_bytes, "checkpoint_time_s": run.saver.total_time,
