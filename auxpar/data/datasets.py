@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -309,9 +310,36 @@ def _stratified_test_mask(labels: list[int], fraction: float, seed: int) -> list
     return mask
 
 
-def load_digits(split: str, **_: Any) -> ImageDataset:
-    """scikit-learn's 8x8 digits as ``uint8`` ``N x 1 x 8 x 8`` (values ``round(v * 255 / 16)``)."""
-    _check_split(split)
+def _bundled_digits_file():
+    """scikit-learn's own copy of the digits (``sklearn/datasets/data/digits.csv.gz``, the file its
+    ``load_digits`` parses), found without importing scikit-learn; None if it is not there."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def _digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,797 digits as (float64 images 1797 x 8 x 8 with values 0..16, int64 labels).
+
+    Importing scikit-learn costs about 0.7 s of CPU, in every rank of every run (most of a
+    2-rank digits run's start-up on a 2-core machine), so the bundled CSV is read directly; its
+    shape and value ranges are checked, and scikit-learn's loader is the fallback."""
+    path = _bundled_digits_file()
+    if path is not None:
+        import numpy as np
+
+        try:
+            data = np.loadtxt(path, delimiter=",", dtype=np.float64)
+        except (OSError, EOFError, ValueError):  # unreadable, truncated or not numbers: sklearn's loader
+            data = None
+        if (data is not None and data.shape == (1797, 65) and data[:, :64].min() >= 0 and data[:, :64].max() <= 16
+                and set(np.unique(data[:, 64]).tolist()) == set(range(10))):
+            return torch.as_tensor(data[:, :64]).reshape(-1, 8, 8), torch.as_tensor(data[:, 64]).long()
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError as exc:
@@ -320,9 +348,14 @@ def load_digits(split: str, **_: Any) -> ImageDataset:
             "run `pip install 'auxpar[demo]'` (or `pip install scikit-learn`)"
         ) from exc
     bunch = _sk_load_digits()
-    raw = torch.as_tensor(bunch.images, dtype=torch.float64)  # (1797, 8, 8), values 0..16
+    return torch.as_tensor(bunch.images, dtype=torch.float64), torch.as_tensor(bunch.target, dtype=torch.int64)
+
+
+def load_digits(split: str, **_: Any) -> ImageDataset:
+    """scikit-learn's 8x8 digits as ``uint8`` ``N x 1 x 8 x 8`` (values ``round(v * 255 / 16)``)."""
+    _check_split(split)
+    raw, labels = _digits_arrays()  # (1797, 8, 8), values 0..16
     images = torch.round(raw * 255.0 / 16.0).clamp_(0, 255).to(torch.uint8).unsqueeze(1)
-    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
     test_mask = torch.tensor(
         _stratified_test_mask(labels.tolist(), DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
     )
