@@ -30,6 +30,7 @@ FLAG_KEYS = {
     "lr": ("optim", "lr"), "momentum": ("optim", "momentum"), "weight_decay": ("optim", "weight_decay"),
     "lr_schedule": ("optim", "lr_schedule"),
     "stages": ("dist", "stages"), "split": ("dist", "split"), "nproc": ("dist", "nproc"),
+    "split_blocks": ("model", "split_blocks"),
     "balance": ("dist", "balance"),
     "backend": ("dist", "backend"), "device": ("dist", "device"),
     "rho": ("coupling", "rho"), "rho_growth": ("coupling", "rho_growth"), "rho_max": ("coupling", "rho_max"),
@@ -65,6 +66,14 @@ def _split_arg(text: str) -> list[int]:
     return counts
 
 
+def _block_list_arg(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--split-blocks {text!r}: give block indices separated by commas, e.g. --split-blocks 3") from None
+
+
 class _Renamed(argparse.Action):
     """A flag that was renamed: using it is an error that names the new flag."""
 
@@ -86,6 +95,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "recorded as run.plugins")
     p.add_argument("--stages", type=int, metavar="K", help="layer-parallel stages")
     p.add_argument("--split", type=_split_arg, metavar="N,N,...", help="explicit blocks per stage")
+    p.add_argument("--split-blocks", type=_block_list_arg, metavar="J[,J...]",
+                   help="cut these blocks in two units (after their first convolution), so a stage boundary can "
+                        "fall inside them; --split then counts units")
     p.add_argument("--dropout", type=float, help="dropout inside WRN blocks")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set optim.grad_clip=1.0 (repeatable)")
@@ -313,7 +325,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     file_data = load_toml(args.config) if args.config else {}
     cfg = build_config(file_data, overrides_from_args(args), source=args.config or "config")
     plan = make_plan(cfg.model.name, cfg.data, cfg.dist.stages, cfg.dist.split or None, cfg.model.dropout,
-                     dp=cfg.dist.dp)
+                     dp=cfg.dist.dp, split_blocks=cfg.model.split_blocks)
     plan["cut_by"] = ("split" if cfg.dist.split else "flops" if cfg.dist.stages <= 1 or cfg.dist.balance == "flops"
                       else "time")
     print(plan_json(plan) if args.json else format_plan(plan))

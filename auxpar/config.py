@@ -139,11 +139,21 @@ class ModelConfig:
     """Dropout between the convolutions of WRN blocks (WRN only)."""
     norm: str = "bn"
     """bn: BatchNorm (default); none: no normalization (exact-equality tests)."""
+    split_blocks: list = field(default_factory=list)
+    """Blocks to cut in two units (after their first convolution), so that a stage boundary can
+    fall inside them: a finer balance than whole blocks. The net computes the same function with
+    the same parameters; --split and the plan then count units (each listed block is two). E.g.
+    [3] with --split 4,6 at K = 2 on ResNet-20 puts the first half of block 3 on stage 0."""
 
     def validate(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout = {self.dropout} must be in [0, 1)")
         _choice("model.norm", self.norm, ("bn", "none"))
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.split_blocks):
+            raise ConfigError(f"model.split_blocks = {self.split_blocks!r}: give block indices (whole numbers "
+                              ">= 0), e.g. [3]")
+        if len(set(self.split_blocks)) != len(self.split_blocks):
+            raise ConfigError(f"model.split_blocks = {self.split_blocks!r} names a block twice")
 
 
 @dataclass
@@ -481,6 +491,9 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         m = registry.method(self.run.method)
+        if self.model.split_blocks and self.run.method == "mgrit":
+            raise ConfigError("model.split_blocks does not run with --method mgrit: its layer grid steps whole "
+                              "residual blocks (x -> x + h f(x)); cut the net between blocks (drop --split-blocks)")
         if self.run.precision not in m.precisions:
             raise ConfigError(f"--precision {self.run.precision} does not run with --method {m.name}: "
                               + (m.precision_note or f"use one of {', '.join(m.precisions)}"))

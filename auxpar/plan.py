@@ -62,7 +62,7 @@ def check_dp(dp, n_train: int | None = None) -> int:
 
 
 def make_plan(model: str, data: DataConfig, stages: int, split: list[int] | None = None,
-              dropout: float = 0.0, dp: int = 1) -> dict:
+              dropout: float = 0.0, dp: int = 1, split_blocks: list[int] | None = None) -> dict:
     check_dp(dp)
     c, size, classes, n_train = dataset_geometry(data)
     check_dp(dp, n_train)
@@ -70,6 +70,7 @@ def make_plan(model: str, data: DataConfig, stages: int, split: list[int] | None
     with torch.device("meta"):
         # Meta tensors: WRN-28-10 is planned without allocating its 36.5M parameters.
         net = build_model(model, in_channels=c, input_size=size, num_classes=classes, dropout=dropout)
+        net = net.split_blocks(split_blocks or [])
     rows = describe_partition(net, stages, split or None)
     flops = [r["flops"] for r in rows]
     boundaries = [r["boundary_bytes_per_sample"] for r in rows if r["boundary_bytes_per_sample"]]
@@ -92,7 +93,7 @@ def make_plan(model: str, data: DataConfig, stages: int, split: list[int] | None
         "samples_per_rank": per_replica,
         "input_shape": [c, size, size], "num_classes": classes, "train_samples": n_train,
         "train_subset": data.train_subset or None,
-        "params": count_parameters(net), "stage_rows": rows,
+        "params": count_parameters(net), "stage_rows": rows, "split_blocks": sorted(split_blocks or []),
         "balance": (max(flops) / (sum(flops) / len(flops))) if flops else 1.0,
         "boundary_values_per_sample": values_per_sample,
         "aux_memory": memory,
@@ -119,12 +120,16 @@ def format_plan(plan: dict) -> str:
         b0, b1 = r["block_range"]
         bb = r["boundary_bytes_per_sample"]
         lines.append(
-            f"{r['index']:>5}  {r['blocks']:>7}  {f'{b0}-{b1 - 1}':>9}  {r['params']:>12,}  "
+            f"{r['index']:>5}  {r['blocks']:>7}  {r.get('units', f'{b0}-{b1 - 1}'):>9}  {r['params']:>12,}  "
             f"{r['flops'] / 1e9:>13.4f}  {'x'.join(map(str, r['out_shape'])):>14}  "
             f"{(f'{bb:,} (fp32)' if bb else '-'):>21}"
         )
     lines.append("")
     lines.append(f"balance (max stage FLOPs / mean): {plan['balance']:.3f}  (1.000 is perfect)")
+    if plan.get("split_blocks"):
+        lines.append(f"blocks cut in two (model.split_blocks): {', '.join(map(str, plan['split_blocks']))}; "
+                     "'a' is a block's first half (to its first convolution), 'b' the rest, and the "
+                     "blocks column and --split count units")
     if plan.get("cut_by") == "time":
         lines.append("dist.balance = time: a run measures its cut when it starts (forward+backward times on its "
                      "device), so it may differ from the FLOP-balanced cut above; the run logs it and "

@@ -193,7 +193,8 @@ def run_meta(cfg: Config, info: DistInfo) -> dict:
     return {"method": cfg.run.method, "model": cfg.model.name, "dataset": cfg.data.dataset,
             "stages": cfg.dist.stages, "dp": cfg.dist.dp, "world_size": info.world_size,
             "split": list(cfg.dist.split), "batch_size": cfg.data.batch_size, "seed": cfg.run.seed,
-            "norm": cfg.model.norm, "stage_input": cfg.coupling.stage_input}
+            "norm": cfg.model.norm, "stage_input": cfg.coupling.stage_input,
+            "split_blocks": sorted(cfg.model.split_blocks)}
 
 
 def check_compatible(man: dict, cfg: Config, info: DistInfo, path: Path) -> None:
@@ -207,6 +208,8 @@ def check_compatible(man: dict, cfg: Config, info: DistInfo, path: Path) -> None
             diffs.append(f"{flag} {have.get(key)} (checkpoint) vs {now[key]} (this run)")
     if cfg.run.method in ("penalty", "al") and have.get("stage_input", "aux") != now["stage_input"]:
         diffs.append(f"--stage-input {have.get('stage_input', 'aux')} (checkpoint) vs {now['stage_input']} (this run)")
+    if list(have.get("split_blocks", [])) != now["split_blocks"]:
+        diffs.append(f"--split-blocks {have.get('split_blocks', [])} (checkpoint) vs {now['split_blocks']} (this run)")
     if now["split"] and have.get("split") and list(have["split"]) != now["split"]:
         diffs.append(f"--split {have['split']} (checkpoint) vs {now['split']} (this run)")
     if diffs:

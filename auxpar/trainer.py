@@ -188,11 +188,14 @@ def build_net(cfg: Config, info: DistInfo, train_set, model: Any = None) -> tupl
     kw = dict(in_channels=c, input_size=h, num_classes=arch["num_classes"], dropout=cfg.model.dropout,
               norm=cfg.model.norm)
     if model is None:
-        return build_model(arch["name"], **kw), arch
-    net = build_user_model(model, name=cfg.model.name, **kw)
-    if isinstance(model, (tuple, list, torch.nn.Module)):
-        broadcast_(info, [*net.parameters(), *net.buffers()])  # built outside this call: maybe unseeded
-    return net, arch
+        net = build_model(arch["name"], **kw)
+    else:
+        net = build_user_model(model, name=cfg.model.name, **kw)
+        if isinstance(model, (tuple, list, torch.nn.Module)):
+            broadcast_(info, [*net.parameters(), *net.buffers()])  # built outside this call: maybe unseeded
+    # Units, not blocks, from here on (the same modules, so the same function and parameters);
+    # model.pt keeps the uncut net's keys (arch has no trace of the cut).
+    return net.split_blocks(cfg.model.split_blocks), arch
 
 
 def broadcast_(info: DistInfo, tensors: list[torch.Tensor]) -> None:

@@ -5,12 +5,15 @@
 
     python experiments/bench_parallel.py --dataset fashion-mnist --steps 8   # real 1x28x28 images
     python experiments/bench_parallel.py --dataset fashion-mnist --steps 32 --channels-last
+    python experiments/bench_parallel.py --dataset fashion-mnist --steps 32 --split-blocks 3 --cut-split 4,6
 
 1. Time per training step of the parallel phase with K = 2 processes of 1 thread each
    (``--method penalty --phases parallel``) against serial backprop in 1 process of 1 thread,
    on the same model, batch and synthetic 3x32x32 data, with the FLOP-balanced split
    (``--balance flops``) and with the time-balanced split (``--balance time``: the cut by measured
-   forward+backward per block, refined by timing whole stages of it and its neighbouring cuts).
+   forward+backward per block, refined by timing whole stages of it and its neighbouring cuts),
+   and with ``--split-blocks J`` a third cut: blocks J cut in two units (``model.split_blocks``),
+   so the boundary can fall inside a block, at ``--cut-split`` or the time-balanced cut of units.
    The first epoch of every run is warm-up and is not timed; runs of the two methods alternate
    so that drift of a shared machine hits both alike. Prints the median ratio, and beside it the
    machine's ceiling for 2 processes: two independent serial 1-thread runs started together,
@@ -105,6 +108,10 @@ def main() -> None:
     ap.add_argument("--dataset", default="synthetic",
                     help="synthetic (3x32x32, the default) or a registered dataset, e.g. fashion-mnist "
                          "(a stratified subset of batch x steps training images)")
+    ap.add_argument("--split-blocks", default="",
+                    help="also time a third cut: these blocks cut in two units (model.split_blocks), the cut "
+                         "given by --cut-split or else measured (--balance time), e.g. --split-blocks 3 --cut-split 4,6")
+    ap.add_argument("--cut-split", default="", help="the units per stage for the --split-blocks run")
     ap.add_argument("--channels-last", action="store_true",
                     help="every run (serial, parallel, the ceiling pair) with --channels-last")
     args = ap.parse_args()
@@ -123,6 +130,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="auxpar-bench-"))
     ratios, t_ser, t_par, ratios_t, t_part, ceilings = [], [], [], [], [], []
     computes: dict[str, list[list[float]]] = {"FLOP-balanced": [], "time-balanced": []}
+    cut_label = f"blocks {args.split_blocks} cut in two, " + (f"split {args.cut_split}" if args.cut_split else "time-balanced")
+    ratios_c, t_cut = [], []
+    if args.split_blocks:
+        computes[cut_label] = []
+    cut_args = ["--split-blocks", args.split_blocks, *(["--split", args.cut_split] if args.cut_split
+                                                        else ["--balance", "time"])]
     splits: dict[str, str] = {}
     par = ["--method", "penalty", "--stages", "2", "--nproc", "2", "--phases", "parallel"]
     print(f"timing {args.model}, batch {args.batch_size}, {args.steps} steps x {args.epochs - 1} timed epochs, "
@@ -132,6 +145,12 @@ def main() -> None:
         ep_p = train(tmp / f"par{r}", *data(args.epochs), *par, "--balance", "flops")  # (a recipe may say time)
         ep_t = train(tmp / f"part{r}", *data(args.epochs), *par, "--balance", "time")
         p, pt = per_step_time(ep_p, args.steps), per_step_time(ep_t, args.steps)
+        if args.split_blocks:
+            ep_c = train(tmp / f"parc{r}", *data(args.epochs), *par, *cut_args)
+            t_cut.append(per_step_time(ep_c, args.steps))
+            ratios_c.append(s / t_cut[-1])
+            computes[cut_label].append(rank_compute(ep_c, args.steps))
+            splits[cut_label] = split_of(tmp / f"parc{r}")
         computes["FLOP-balanced"].append(rank_compute(ep_p, args.steps))
         computes["time-balanced"].append(rank_compute(ep_t, args.steps))
         splits["FLOP-balanced"], splits["time-balanced"] = split_of(tmp / f"par{r}"), split_of(tmp / f"part{r}")
@@ -144,7 +163,9 @@ def main() -> None:
         ratios.append(s / p)
         ratios_t.append(s / pt)
         print(f"  repeat {r + 1}: serial {s * 1e3:.0f} ms/step; parallel K=2 FLOP-balanced {p * 1e3:.0f} ms/step "
-              f"({s / p:.2f}x), time-balanced {pt * 1e3:.0f} ms/step ({s / pt:.2f}x); two serial runs at once: "
+              f"({s / p:.2f}x), time-balanced {pt * 1e3:.0f} ms/step ({s / pt:.2f}x)"
+              + (f", {cut_label} {t_cut[-1] * 1e3:.0f} ms/step ({ratios_c[-1]:.2f}x)" if args.split_blocks else "")
+              + "; two serial runs at once: "
               f"{', '.join(f'{t * 1e3:.0f}' for t in pair)} ms/step (ceiling {ceilings[-1]:.2f}x)", flush=True)
 
     print("\nbytes exchanged per parallel step (all ranks, t down + o up):")
@@ -171,7 +192,10 @@ def main() -> None:
     print(f"\n{args.model}, batch {args.batch_size}, {where}; torch {torch.__version__}, "
           f"{platform.machine()} CPU, {os.cpu_count()} cores; {args.repeats} interleaved repeats; "
           f"serial {statistics.median(t_ser) * 1e3:.0f} ms/step")
-    for label, rs, ts in (("FLOP-balanced", ratios, t_par), ("time-balanced", ratios_t, t_part)):
+    variants = [("FLOP-balanced", ratios, t_par), ("time-balanced", ratios_t, t_part)]
+    if args.split_blocks:
+        variants.append((cut_label, ratios_c, t_cut))
+    for label, rs, ts in variants:
         print(f"parallel phase K=2 (2 x 1 thread, {label}) vs serial (1 x 1 thread): median speedup "
               f"{statistics.median(rs):.2f}x (min {min(rs):.2f}, max {max(rs):.2f}), "
               f"{statistics.median(ts) * 1e3:.0f} ms/step")

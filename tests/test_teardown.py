@@ -117,8 +117,14 @@ def test_group_threads_alive_sees_a_live_group_and_its_end(tmp_path):
     code = (
         "import os, sys\n"
         "from auxpar import distributed as dist\n"
+        "import time\n"
         "info = dist.init('cpu', 'gloo', 30, 1)\n"
+        # a thread names itself once it runs: on a busy machine that can come after init returns
+        "t_end = time.monotonic() + 10\n"
         "alive = dist.group_threads_alive()\n"
+        "while 'gloo_tcp_loop' not in alive and time.monotonic() < t_end:\n"
+        "    time.sleep(0.05)\n"
+        "    alive = dist.group_threads_alive()\n"
         "dist.shutdown(info)\n"
         "print(sorted(set(alive)), dist.group_threads_alive(), dist._exit_armed)\n"
     )

@@ -91,7 +91,7 @@ class SerialMethod(Method):
     def local_model_state(self):
         if self.info.rank != 0:
             return {}  # data-parallel replicas hold the same tensors as rank 0
-        return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        return {self.net.original_key(k): v.detach().cpu() for k, v in self.net.state_dict().items()}
 
     def state_dict(self):
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),

@@ -18,25 +18,20 @@ import torch.nn.functional as F
 from auxpar.coupling.base import Method
 from auxpar.coupling.optim import clip_global_norm_, make_sgd
 from auxpar.distributed import all_reduce_, barrier
+from auxpar.models.staged import original_key
 
 
-def _global_key(key: str, block_start: int) -> str:
-    if key.startswith("blocks."):
-        _, i, rest = key.split(".", 2)
-        return f"blocks.{block_start + int(i)}.{rest}"
-    return key
-
-
-def global_stage_state(stage: torch.nn.Module, block_start: int, device: torch.device | None = None) -> dict:
-    """``stage.state_dict()`` with blocks renumbered to their index in the whole network; on
-    CPU (checkpoints, export) unless ``device`` is given (the gather sends from the device)."""
+def global_stage_state(stage, device: torch.device | None = None) -> dict:
+    """``stage.state_dict()`` with blocks renumbered to their index in the whole (uncut) network
+    (``Stage.block_ids``); on CPU (checkpoints, export) unless ``device`` is given (the gather
+    sends from the device)."""
     dev = torch.device("cpu") if device is None else device
-    return {_global_key(key, block_start): v.detach().to(dev) for key, v in stage.state_dict().items()}
+    return {original_key(key, stage.block_ids): v.detach().to(dev) for key, v in stage.state_dict().items()}
 
 
 def stage_layouts(stages) -> dict[int, list[tuple[str, tuple, torch.dtype]]]:
     """{stage index: [(global key, shape, dtype)]} in state_dict order, for every stage."""
-    return {s.index: [(_global_key(key, s.block_range[0]), tuple(v.shape), v.dtype)
+    return {s.index: [(original_key(key, s.block_ids), tuple(v.shape), v.dtype)
                       for key, v in s.state_dict().items()] for s in stages}
 
 
@@ -187,7 +182,7 @@ class StagedMethod(Method):
 
     # ---- state ----------------------------------------------------------------------------
     def local_model_state(self):
-        return global_stage_state(self.stage, self.block_range[0]) if self.d == 0 else {}
+        return global_stage_state(self.stage) if self.d == 0 else {}
 
     def model_state(self):
         """Gather every stage's tensors on the last rank (p2p, tensors only) as one state_dict;
@@ -196,7 +191,7 @@ class StagedMethod(Method):
             return None
         if self.info.world_size == 1:
             return self.local_model_state()
-        mine = global_stage_state(self.stage, self.block_range[0], self.device)  # sent from the device
+        mine = global_stage_state(self.stage, self.device)  # sent from the device
         return gather_state(self.p2p, mine, self.k, self.log_rank, {r: self.layouts[r] for r in range(self.K - 1)})
 
     def state_dict(self):

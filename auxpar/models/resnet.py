@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from auxpar.errors import ConfigError
 from auxpar.models.staged import StagedNet
 
 NORMS = ("bn", "none")
@@ -150,6 +151,73 @@ class _OptionABlock(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_channels}->{self.out_channels}, stride={self.stride}, step={self.step}"
 
+    def _check_unit_step(self) -> None:
+        if self.step != 1.0:
+            raise ConfigError(f"a {type(self).__name__} with step {self.step} cannot be cut in two: the halves "
+                              "run the standard block (step 1.0)")
+
+
+class _OptionAHalf(nn.Module):
+    """One half of an option-A block cut in two at a stage boundary (``block.split()``).
+
+    The head maps ``x`` to ``cat([a, x_s], 1)``: ``a`` the activation after the first convolution
+    (C_out channels) and ``x_s`` the shortcut's input subsampled by the stride (C_in channels;
+    the zero channels of option A are added by the tail, they would travel as zeros). The tail
+    maps that state to the block's output. ``tail(head(x)) == block(x)`` op for op, and each half
+    owns its convolutions and norms under the block's own attribute names (so the whole net's
+    state_dict keys do not change: :meth:`StagedNet.original_key`).
+    """
+
+    is_transition = True  # the state between the halves has neither the block's input nor output shape
+
+    def __init__(self, block: "_OptionABlock", names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = block.in_channels, block.out_channels, block.stride
+        self.block_type = type(block).__name__
+        for n in names:
+            setattr(self, n, getattr(block, n))
+
+    def extra_repr(self) -> str:
+        return f"{self.block_type} {self.in_channels}->{self.out_channels}, stride={self.stride}"
+
+
+class _OptionAHead(_OptionAHalf):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x[:, :, ::self.stride, ::self.stride] if self.stride != 1 else x
+        return torch.cat([self.first(x), xs], 1)
+
+
+class _OptionATail(_OptionAHalf):
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        a, xs = y[:, :self.out_channels], y[:, self.out_channels:]
+        return self.merge(option_a_shortcut(xs, self.out_channels, 1) + self.second(a))
+
+
+class _BasicHead(_OptionAHead):
+    def first(self, x):
+        return F.relu(self.bn1(self.conv1(x)))
+
+
+class _BasicTail(_OptionATail):
+    def second(self, a):
+        return self.bn2(self.conv2(a))
+
+    def merge(self, y):
+        return F.relu(y)
+
+
+class _PreActHead(_OptionAHead):
+    def first(self, x):
+        return self.conv1(F.relu(self.bn1(x)))
+
+
+class _PreActTail(_OptionATail):
+    def second(self, a):
+        return self.conv2(F.relu(self.bn2(a)))
+
+    def merge(self, y):
+        return y
+
 
 class BasicBlock(_OptionABlock):
     """Post-activation ("v1") block: ``relu(shortcut(x) + h * bn2(conv2(relu(bn1(conv1(x))))))``.
@@ -171,6 +239,12 @@ class BasicBlock(_OptionABlock):
     def merge(self, y: torch.Tensor) -> torch.Tensor:
         return F.relu(y)
 
+    def split(self) -> tuple[nn.Module, nn.Module]:
+        """(head, tail) with ``tail(head(x)) == self(x)``, cut after the first conv + BN + ReLU
+        (the state between them: C_out + C_in channels at the output resolution)."""
+        self._check_unit_step()
+        return _BasicHead(self, ("conv1", "bn1")), _BasicTail(self, ("conv2", "bn2"))
+
 
 class PreActBlock(_OptionABlock):
     """Pre-activation block: ``shortcut(x) + h * conv2(relu(bn2(conv1(relu(bn1(x))))))``."""
@@ -184,6 +258,11 @@ class PreActBlock(_OptionABlock):
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
+
+    def split(self) -> tuple[nn.Module, nn.Module]:
+        """(head, tail) with ``tail(head(x)) == self(x)``, cut after the first convolution."""
+        self._check_unit_step()
+        return _PreActHead(self, ("bn1", "conv1")), _PreActTail(self, ("bn2", "conv2"))
 
 
 # ---------------------------------------------------------------------- builders

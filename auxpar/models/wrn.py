@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from auxpar.models.resnet import Head, Stem, conv3x3, init_weights_, make_norm
+from auxpar.errors import ConfigError
 from auxpar.models.staged import StagedNet
 
 
@@ -85,6 +86,47 @@ class WideBasicBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}->{self.out_channels}, stride={self.stride}, step={self.step}"
+
+    def split(self) -> tuple[nn.Module, nn.Module]:
+        """(head, tail) with ``tail(head(x)) == self(x)``, cut after the first convolution: the
+        state between them is ``cat([conv1(a), shortcut], 1)`` (2 C_out channels at the output
+        resolution; a transition's 1x1 shortcut conv runs in the head)."""
+        if self.step != 1.0:
+            raise ConfigError(f"a WideBasicBlock with step {self.step} cannot be cut in two: the halves run "
+                              "the standard block (step 1.0)")
+        return _WideHead(self), _WideTail(self)
+
+
+class _WideHalf(nn.Module):
+    is_transition = True
+
+    def __init__(self, block: WideBasicBlock, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = block.in_channels, block.out_channels, block.stride
+        for n in names:
+            setattr(self, n, getattr(block, n))
+
+    def extra_repr(self) -> str:
+        return f"WideBasicBlock {self.in_channels}->{self.out_channels}, stride={self.stride}"
+
+
+class _WideHead(_WideHalf):
+    def __init__(self, block: WideBasicBlock) -> None:
+        super().__init__(block, ("bn1", "conv1", "shortcut_conv"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn1(x))
+        s = x if self.shortcut_conv is None else self.shortcut_conv(a)
+        return torch.cat([self.conv1(a), s], 1)
+
+
+class _WideTail(_WideHalf):
+    def __init__(self, block: WideBasicBlock) -> None:
+        super().__init__(block, ("bn2", "dropout", "conv2"))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        c, s = y[:, :self.out_channels], y[:, self.out_channels:]
+        return s + self.conv2(self.dropout(F.relu(self.bn2(c))))
 
 
 def wrn_blocks_per_group(depth: int) -> int:
