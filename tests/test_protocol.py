@@ -143,9 +143,14 @@ def test_protocol_penalty_al_sph_ds2(tmp_path, method, K, executor, stage_input)
                "--ds-factor", "2", "--serial-executor", executor, "--microbatches", "4",
                "--stage-input", stage_input, "--out", str(tmp_path / "run"),
                # K = 3: the cut by measured time (its meeting all-reduce, then rank 0's cut) too
-               *(["--balance", "time"] if K == 3 else []))
+               *(["--balance", "time"] if K == 3 else []),
+               # AL at K = 2: the boundary inside block 3 (model.split_blocks: a 48-channel state)
+               *(["--split-blocks", "3", "--split", "4,6"] if (method, K) == ("al", 2) else []))
     # model.pt was gathered on the last rank through the primitive
     assert (tmp_path / "run" / "model.pt").exists()
+    if (method, K) == ("al", 2):
+        import json
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["split"] == [4, 6]
     res = checked(tmp_path / "t", min_messages=3 * 12)
     assert res["ranks"] == K
 
