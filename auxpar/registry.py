@@ -289,7 +289,10 @@ register_dataset(
     # (3, 6) (fashion-resnet20-full-6ep.toml, which pins dist.balance = "time") the parallel
     # epochs ran 1.64x serial's (1.62x with 4, 5 at commit b762953) and the pipelined serial
     # epochs 1.32x (1.39x): no gain end to end, for a boundary (16x28x28) twice the FLOP cut's
-    # (32x14x14) in every message and in the 60,000-row aux stores.
+    # (32x14x14) in every message and in the 60,000-row aux stores. Block 3 cut in two
+    # (model.split_blocks = [3], 4, 6 units) balanced bench_parallel's ranks to 1% but ran its
+    # parallel epochs no faster over the full set, for a 48x14x14 boundary
+    # (fashion-resnet20-full-6ep-cut.toml: 1.41x against 1.49x).
     # 28x28 garments on a black background: a 2-pixel zero-padded crop (4 px on 32x32 CIFAR
     # scaled down) and flips (a mirrored shirt is still a shirt).
     augment={"crop_pad": 2, "pad_mode": "zero", "flip": True},
