@@ -121,6 +121,11 @@ def test_a_run_cut_inside_a_block_trains_writes_an_ordinary_model_and_resumes_on
     # model.pt is the uncut resnet20's state_dict: it loads into build_model as any other run's
     net, meta = load_model(out / "model.pt")
     assert len(net.blocks) == 9
+    # so does a checkpoint's export (every rank's share under the uncut keys), with the same weights
+    res = run_cli("export", str(out), "--out", str(tmp_path / "export.pt"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    exported, _ = load_model(tmp_path / "export.pt")
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), net.state_dict().values()))
     # a resume must keep the cut (the units are what the checkpoint's stages hold)
     res = run_cli("train", "--out", str(tmp_path / "other"), "--epochs", "3", "--resume", str(out),
                   *[a if a != "3" else "4" for a in args])
