@@ -128,7 +128,7 @@ def main() -> None:
         return common + ["--set", f"data.train_subset={n_train}"]
 
     tmp = Path(tempfile.mkdtemp(prefix="auxpar-bench-"))
-    ratios, t_ser, t_par, ratios_t, t_part, ceilings = [], [], [], [], [], []
+    ratios, t_ser, t_par, ratios_t, t_part, ceilings, t_pair = [], [], [], [], [], [], []
     computes: dict[str, list[list[float]]] = {"FLOP-balanced": [], "time-balanced": []}
     cut_label = f"blocks {args.split_blocks} cut in two, " + (f"split {args.cut_split}" if args.cut_split else "time-balanced")
     ratios_c, t_cut = [], []
@@ -157,6 +157,7 @@ def main() -> None:
         pair = [per_step_time(e, args.steps) for e in
                 train_together([tmp / f"pairA{r}", tmp / f"pairB{r}"], *data(args.epochs), "--method", "serial")]
         ceilings.append(sum(s / t for t in pair))
+        t_pair.append(statistics.mean(pair))
         t_ser.append(s)
         t_par.append(p)
         t_part.append(pt)
@@ -206,6 +207,15 @@ def main() -> None:
         print(f"    split {splits[label]}: compute per step {rc[0] * 1e3:.0f} / {rc[1] * 1e3:.0f} ms (rank 0 / 1); "
               f"slower / mean = {max(rc) / statistics.mean(rc):.2f}; with a perfect balance the step would "
               f"be {statistics.mean(rc) * 1e3:.0f} ms + exchange")
+        # Paired with the ceiling of the same repeat, so that the machine's drift cancels: the
+        # share of the ceiling reached, and the two ranks' compute summed against one serial step
+        # of the contended pair (1.00: splitting the step added no work beyond the contention
+        # that any two processes on this machine pay).
+        eff = [r / c for r, c in zip(rs, ceilings)]
+        work = [sum(c) / tp for c, tp in zip(computes[label], t_pair)]
+        print(f"    speedup / ceiling of the same repeat: median {statistics.median(eff):.2f} "
+              f"(min {min(eff):.2f}, max {max(eff):.2f}); both ranks' compute / a serial step of the "
+              f"contended pair: median {statistics.median(work):.2f}")
     print(f"ceiling of this machine for 2 processes (two independent serial runs at once, summed speed "
           f"relative to one alone): median {statistics.median(ceilings):.2f}x (min {min(ceilings):.2f}, "
           f"max {max(ceilings):.2f})")
