@@ -14,9 +14,11 @@ after / before (below 1 = faster now), plus whether the two trees logged the sam
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +56,7 @@ def main() -> None:
             "--eval-every", str(a.epochs), "--no-augment", "--set", f"data.synthetic_num_train={128 * a.steps}",
             "--set", "data.synthetic_num_test=128", "--set", "data.synthetic_shape=[3, 32, 32]"]
     tmp = Path(tempfile.mkdtemp(prefix="auxpar-ab-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the runs are read as they end; nothing stays in /tmp
     base = tmp / "base"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), a.base], check=True,
                    capture_output=True)

@@ -14,8 +14,10 @@ phase's speedup over serial under each policy (whether the gain moves the ratio)
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,6 +51,7 @@ def main() -> None:
             "parallel": ["--method", "penalty", "--stages", "2", "--nproc", "2", "--phases", "parallel",
                          "--balance", "flops"]}
     tmp = Path(tempfile.mkdtemp(prefix="auxpar-hostmem-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the runs are read as they end; nothing stays in /tmp
     t: dict[tuple[str, str], list[float]] = {}
     print(f"timing {args.model}, batch {args.batch_size}, {args.dataset}, {args.steps} steps x "
           f"{args.epochs - 1} timed epochs, {args.repeats} repeats", flush=True)

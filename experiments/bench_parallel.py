@@ -29,9 +29,11 @@ Synthetic data: speed only, never accuracy.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -128,6 +130,7 @@ def main() -> None:
         return common + ["--set", f"data.train_subset={n_train}"]
 
     tmp = Path(tempfile.mkdtemp(prefix="auxpar-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the runs are read as they end; nothing stays in /tmp
     ratios, t_ser, t_par, ratios_t, t_part, ceilings, t_pair = [], [], [], [], [], [], []
     computes: dict[str, list[list[float]]] = {"FLOP-balanced": [], "time-balanced": []}
     cut_label = f"blocks {args.split_blocks} cut in two, " + (f"split {args.cut_split}" if args.cut_split else "time-balanced")

@@ -14,9 +14,11 @@ files (``apt-get install dataset-fashion-mnist`` or ``--data-dir``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="auxpar-reinit-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the runs are read as they end; nothing stays in /tmp
     res: dict[int, list[float]] = {1: [], 0: []}
     threads: dict[int, list[int]] = {}
     for r in range(args.repeats):
