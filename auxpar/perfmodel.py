@@ -52,7 +52,9 @@ all-reduce (the NaN guard every multi-rank method runs each step) costs ``2 ceil
   gradients; plus the optimizer.
 
 Assumptions to keep in mind: communication is not overlapped with compute (a conservative
-choice, right for gloo on CPU); every device is the profiled one and runs nothing else; per-step
+choice, right for gloo on CPU); every device is the profiled one and runs nothing else, unless
+``--contention F`` says the ranks share one machine (every multi-rank method's compute then takes
+F times the profile, serial none: :attr:`Scenario.contention`); per-step
 Python overhead of the training loop and of torch.distributed.pipelining's schedule is not
 modeled (the pipeline is the method the model under-predicts most: -14% and -15% measured).
 ``experiments/validate_perfmodel.py`` measures the error against K = 2 CPU runs
@@ -187,6 +189,18 @@ class Profile:
     def load(self, batch: int, augment: bool) -> float:
         rec = self.load_s.get(str(batch))
         return 0.0 if rec is None else rec["augment" if augment else "plain"]
+
+    def slowed(self, factor: float) -> "Profile":
+        """The profile with every compute time (parts, optimizer, aux work, loading) times ``factor``:
+        what each rank of a method computes at when all ranks share the profiled hardware
+        (:attr:`Scenario.contention`). Shapes, parameters and FLOPs are unchanged."""
+        if factor == 1.0:
+            return self
+        times = {b: {k: [factor * v for v in vals] for k, vals in rec.items()} for b, rec in self.times.items()}
+        load = {b: {k: factor * v for k, v in rec.items()} for b, rec in self.load_s.items()}
+        data = dict(asdict(self), times=times, load_s=load, opt_s_per_param=factor * self.opt_s_per_param,
+                    aux_s_per_value=factor * self.aux_s_per_value)
+        return Profile(**data)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -384,6 +398,12 @@ class Scenario:
     mgrit_relax: str = "FCF"
     dp: int = 1
     """D data-parallel replicas of the K stages (penalty/al: K x D devices; ddp: K*D ranks)."""
+    contention: float = 1.0
+    """Compute slowdown of every rank of a multi-rank method, against the profile (measured with
+    nothing else running): 1.0 for separate devices (one GPU per rank); for ranks that share a
+    machine's cores, caches and memory (CPU ranks on one node), ranks / that machine's ceiling for
+    so many processes. ``experiments/bench_parallel.py`` measures the 2-process ceiling: 1.82x
+    gives 2 / 1.82 = 1.10. Serial (one process) is never slowed."""
 
     def c(self, nbytes: float) -> float:
         return message_time(nbytes, self.bandwidth_gbs, self.latency_us)
@@ -698,6 +718,15 @@ def perf_mgrit(prof: Profile, K: int, sc: Scenario, method: str) -> dict:
                       f"iters={sc.mgrit_fwd_iters}/{sc.mgrit_bwd_iters} (unvalidated)"))
 
 
+def check_contention(factor: float) -> float:
+    """``Scenario.contention`` if it is a slowdown (>= 1), else a ConfigError naming the fix."""
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1.0):
+        raise ConfigError(f"--contention {factor}: the compute slowdown of ranks that share a machine must be "
+                          ">= 1 (1 = separate devices; CPU ranks on one node: ranks / the measured ceiling, "
+                          "e.g. 2 / 1.82 = 1.10 from experiments/bench_parallel.py)")
+    return float(factor)
+
+
 def predict(prof: Profile, method: str, K: int, sc: Scenario) -> dict:
     """One prediction row; ``speedup`` is against the serial epoch time of the same profile (one
     device, batch B). The method's predictor is the one it registered (:mod:`auxpar.registry`).
@@ -708,10 +737,13 @@ def predict(prof: Profile, method: str, K: int, sc: Scenario) -> dict:
     single = info.layout == "single"
     D = 1 if single else sc.dp
     row = {"method": method, "K": K, "dp": D, "devices": 1 if single else K * D, "note": ""}
+    # every rank of a multi-rank method computes at the shared machine's pace (a bad factor is the
+    # scenario's error, not this row's: it raises)
+    ranks = prof if single else prof.slowed(check_contention(sc.contention))
     try:
         if not info.perf:
             raise ConfigError(f"no performance model for --method {method}")
-        res = registry.load_target(info.perf, f"performance model of {method!r}")(prof, K, sc, method)
+        res = registry.load_target(info.perf, f"performance model of {method!r}")(ranks, K, sc, method)
         if D > 1 and res.get("dp") != D:  # a predictor that ignores sc.dp would predict D = 1
             raise ConfigError(f"the performance model of --method {method} does not model --dp {D} "
                               "(it predicts one replica only)")
@@ -805,6 +837,10 @@ def write_outputs(out: Path, prof: Profile, sc: Scenario, rows: list[dict], stag
               f"step = parallel-phase step for penalty/al; epoch = mean over the run incl. SPH and re-init; "
               f"sent = bytes the busiest rank sends per step; idle = share of the step the slowest rank "
               f"does not compute (communication, waiting, pipeline bubble).\n\n")
+    if sc.contention != 1.0:
+        header += (f"Contention {sc.contention:g}: every rank of a multi-rank method computes {sc.contention:g}x "
+                   f"slower than the profile (ranks sharing one machine); serial runs alone at the profile's "
+                   f"speed.\n\n")
     if _has_dp(rows):
         header += (f"K x D = K stages x D = {sc.dp} data-parallel replicas on K*D devices: penalty/al replicas run "
                    f"batch B/D each and average each stage's gradients over D (ring all-reduce, overlapped "
@@ -921,6 +957,10 @@ def add_parser(sub) -> None:
                    help="data-parallel replicas of the K stages: penalty/al on K x D devices (batch B/D per "
                         "replica, per-stage gradient all-reduce overlapped with backward) next to ddp on K*D "
                         "devices (default 1; mgrit and pipeline are not modelled with D > 1)")
+    p.add_argument("--contention", type=float, default=1.0, metavar="F",
+                   help="compute slowdown of each rank when all ranks share one machine's cores and memory "
+                        "(default 1: separate devices, e.g. one GPU each); for CPU ranks on one node, ranks / "
+                        "the node's measured ceiling, e.g. 2 / 1.82 = 1.10 from experiments/bench_parallel.py")
     p.add_argument("--norm", choices=["bn", "none"], default="bn")
     p.add_argument("--mgrit-levels", type=int, default=2)
     p.add_argument("--mgrit-cfactor", type=_int_list, default=[2], metavar="M[,M...]")
@@ -953,6 +993,7 @@ def scenario_from_args(args, cfg) -> Scenario:
             raise ConfigError(f"{name} {v} must be >= 1")
     if any(m < 2 for m in args.mgrit_cfactor):
         raise ConfigError(f"--mgrit-cfactor {args.mgrit_cfactor}: coarsening factors are >= 2")
+    contention = check_contention(getattr(args, "contention", 1.0))
     from auxpar.phases import parse_phases
 
     phases = args.phases or cfg.coupling.phases
@@ -962,7 +1003,7 @@ def scenario_from_args(args, cfg) -> Scenario:
                     epochs=cfg.run.epochs, serial_executor=args.serial_executor, aux_dtype=args.aux_dtype,
                     balance=args.balance, mgrit_levels=args.mgrit_levels, mgrit_cfactor=list(args.mgrit_cfactor),
                     mgrit_fwd_iters=args.mgrit_fwd_iters, mgrit_bwd_iters=args.mgrit_bwd_iters,
-                    mgrit_relax=args.mgrit_relax, dp=dp)
+                    mgrit_relax=args.mgrit_relax, dp=dp, contention=contention)
 
 
 def run(args) -> int:

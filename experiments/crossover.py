@@ -43,10 +43,10 @@ COLUMNS = {"ddp": ("ddp", "parallel:2,serial:1", "layer"), "pipeline": ("pipelin
 
 
 def scenario(B: int, bw: float, K: int, phases: str, epochs: int, serial_executor: str = "layer",
-             microbatches: int = 0) -> Scenario:
+             microbatches: int = 0, contention: float = 1.0) -> Scenario:
     return Scenario(batch_size=B, bandwidth_gbs=bw, latency_us=10.0 if bw >= 10 else 50.0,
                     microbatches=microbatches or max(8, K), phases=phases, epochs=epochs,
-                    serial_executor=serial_executor)
+                    serial_executor=serial_executor, contention=contention)
 
 
 def main() -> None:
@@ -61,6 +61,10 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=0,
                     help="micro-batches of the pipeline and the pipelined serial epochs (0 = max(8, K))")
     ap.add_argument("--profile", help="perf.json of an earlier run (skips profiling)")
+    ap.add_argument("--contention", type=float, default=1.0,
+                    help="compute slowdown of every rank of a multi-rank method (model-perf --contention): 1 for "
+                         "devices like the profiled one that share nothing; 2 / the 2-process ceiling of "
+                         "experiments/bench_parallel.py to compare with K = 2 runs on this machine")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="runs/crossover")
     args = ap.parse_args()
@@ -92,7 +96,9 @@ def main() -> None:
              f"Pipeline: 1F1B with M = {args.microbatches or 'max(8, K)'} micro-batches. penalty: SPH parallel:2,serial:1 (the "
              "default, layer-serial epochs); penalty-recipe: the fashion-mnist recipe, SPH serial:1,parallel:2 "
              "with the serial epochs as the same 1F1B pipeline; penalty-par: parallel phases only. AL costs "
-             "what penalty costs. Fastest: among ddp, pipeline and the two SPH schedules.", "",
+             "what penalty costs. Fastest: among ddp, pipeline and the two SPH schedules."
+             + (f" Contention {args.contention:g}: every rank computes {args.contention:g}x slower than the profile."
+                if args.contention != 1.0 else ""), "",
              "| K | batch | link GB/s | ddp | pipeline | penalty | penalty-recipe | penalty-par | fastest | bubble | "
              "all-reduce MB/step | serial share of time: penalty, recipe |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -103,7 +109,7 @@ def main() -> None:
                 for m in METHODS:
                     method, phases, executor = COLUMNS[m]
                     row = predict(prof, method, K, scenario(B, bw, K, phases, args.epochs, executor,
-                                                            args.microbatches))
+                                                            args.microbatches, args.contention))
                     sp[m] = row.get("speedup")
                     if m in ("penalty", "penalty-recipe") and row.get("epoch_s"):
                         ser = (args.epochs - row["parallel_epochs"]) * row["serial_epoch_s"] + row["reinits"] * row["reinit_s"]

@@ -13,7 +13,9 @@ Steps, all on this machine with 1 torch thread per process:
    pipeline K = 2 (1F1B, 4 micro-batches); read each epoch's time from metrics.jsonl. The first
    epoch (warm-up) is left out of the per-epoch medians; the whole-run mean includes it.
 5. Print predicted vs measured and the relative error (predicted / measured - 1), and write
-   them to OUT/validation.json.
+   them to OUT/validation.json; a second column predicts the K = 2 quantities with the measured
+   contention (``--contention auto``: a serial step with a second one running beside it, over
+   one alone; ``Scenario.contention``).
 
 Every measurement waits until other processes leave the CPUs idle (``--quiet``) and is repeated
 (``--repeats``, the fastest kept): on a shared 2-core machine a K = 2 run measured while another
@@ -143,8 +145,8 @@ def med(values):
     return statistics.median(values) if values else float("nan")
 
 
-def serial_step_in_process(cfg_over: dict, batches: int = 12, threads: int = 1) -> float:
-    """Median seconds of SerialMethod.train_step on fixed batches (no loader), this process."""
+def _serial_stepper(cfg_over: dict, batches: int):
+    """(SerialMethod, fixed batches) for timing train_step without the loader."""
     from auxpar.config import build_config
     from auxpar.coupling import get_method
     from auxpar.data import eval_batches
@@ -152,26 +154,66 @@ def serial_step_in_process(cfg_over: dict, batches: int = 12, threads: int = 1) 
     from auxpar.models import build_model
     from auxpar.trainer import load_data
 
+    cfg = build_config(cfg_over)
+    train, _ = load_data(cfg, DistInfo())
+    torch.manual_seed(0)
+    c, h, _ = train.shape
+    net = build_model(cfg.model.name, in_channels=c, input_size=h, num_classes=train.num_classes)
+    m = get_method("serial")(cfg, DistInfo(), net)
+    return m, list(eval_batches(train, cfg.data.batch_size, "cpu"))[:-1][:batches]
+
+
+def _time_steps(m, data, rounds: int = 2) -> float:
+    """Median seconds of one train_step over ``rounds`` passes of ``data`` (the first is warm-up)."""
+    times = []
+    for i in range(rounds):
+        for b in data:
+            t0 = time.perf_counter()
+            m.train_step(b, "serial")
+            if i:
+                times.append(time.perf_counter() - t0)
+    return med(times)
+
+
+def serial_step_in_process(cfg_over: dict, batches: int = 12, threads: int = 1) -> float:
+    """Median seconds of SerialMethod.train_step on fixed batches (no loader), this process."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cfg = build_config(cfg_over)
-        train, _ = load_data(cfg, DistInfo())
-        torch.manual_seed(0)
-        c, h, _ = train.shape
-        net = build_model(cfg.model.name, in_channels=c, input_size=h, num_classes=train.num_classes)
-        m = get_method("serial")(cfg, DistInfo(), net)
-        data = list(eval_batches(train, cfg.data.batch_size, "cpu"))[:-1][:batches]
-        times = []
-        for i in range(2):
-            for b in data:
-                t0 = time.perf_counter()
-                m.train_step(b, "serial")
-                if i:
-                    times.append(time.perf_counter() - t0)
-        return med(times)
+        m, data = _serial_stepper(cfg_over, batches)
+        return _time_steps(m, data)
     finally:
         torch.set_num_threads(old)
+
+
+def _contention_worker(cfg_over: dict, barrier, results) -> None:
+    torch.set_num_threads(1)
+    m, data = _serial_stepper(cfg_over, 12)
+    _time_steps(m, data, rounds=1)  # warm-up before the common start
+    barrier.wait()
+    results.put(_time_steps(m, data, rounds=3))
+
+
+def measure_contention(cfg_over: dict, repeats: int) -> tuple[float, list[float]]:
+    """How much slower a 1-thread serial step runs while a second identical process runs at the
+    same time: (median over repeats of pair / alone, the per-repeat ratios). This is what every
+    rank of a K = 2 run on this machine pays; the model takes it as ``Scenario.contention``."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+
+    def once(n: int) -> float:
+        barrier, results = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_contention_worker, args=(cfg_over, barrier, results)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        vals = [results.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join()
+        return statistics.mean(vals)
+
+    ratios = [once(2) / once(1) for _ in range(repeats)]
+    return statistics.median(ratios), ratios
 
 
 def main(argv=None) -> int:
@@ -187,6 +229,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", type=float, default=0.15,
                     help="before each measurement wait until other processes keep the CPUs less busy than this")
     ap.add_argument("--max-wait", type=float, default=1500, help="longest wait for a quiet machine, seconds")
+    ap.add_argument("--contention", default="auto",
+                    help="the model's compute slowdown of the 2 ranks sharing this machine: auto (measure it: a "
+                         "serial step with a second one running beside it / alone) or a number; the table shows "
+                         "the error without it (1.0) and with it")
     args = ap.parse_args(argv)
     out = Path(args.out or ROOT / "runs" / f"validate-perfmodel-{args.dataset}")
     out.mkdir(parents=True, exist_ok=True)
@@ -212,18 +258,31 @@ def main(argv=None) -> int:
     quiet()
     prof = profile_model(args.model, args.dataset, [B, B // M], data_cfg=cfg.data, device="cpu", repeats=7,
                          threads=1, optim_cfg=cfg.optim)
+    if args.contention == "auto":
+        quiet()
+        contention, c_ratios = measure_contention(over, args.repeats)
+        c_ratios = [round(r, 4) for r in c_ratios]
+        print(f"contention: a serial step with a second one beside it takes {contention:.3f}x as long "
+              f"({', '.join(f'{r:.3f}' for r in c_ratios)})", flush=True)
+    else:
+        contention, c_ratios = float(args.contention), []
     sph = "parallel:2,serial:1"
     sc = Scenario(batch_size=B, bandwidth_gbs=bw, latency_us=lat, microbatches=M, pipeline_schedule="1f1b", phases=sph,
                   epochs=args.epochs)
+    sc_c = Scenario(**{**sc.__dict__, "contention": max(1.0, contention)})
     p_serial = predict(prof, "serial", 1, sc)
-    p_pen = predict(prof, "penalty", 2, sc)
-    p_pipe = predict(prof, "pipeline", 2, sc)
+    p_pen, p_pen_c = predict(prof, "penalty", 2, sc), predict(prof, "penalty", 2, sc_c)
+    p_pipe, p_pipe_c = predict(prof, "pipeline", 2, sc), predict(prof, "pipeline", 2, sc_c)
 
     rows = []
 
-    def add(what, predicted, measured, command):
-        err = predicted / measured - 1 if measured and measured == measured else float("nan")
+    def add(what, predicted, measured, command, predicted_c=None):
+        """predicted_c: the prediction with the measured contention (multi-rank quantities only)."""
+        ok = measured and measured == measured
+        err = predicted / measured - 1 if ok else float("nan")
+        pc = predicted if predicted_c is None else predicted_c
         rows.append({"what": what, "predicted_s": predicted, "measured_s": measured, "error": err,
+                     "predicted_contention_s": pc, "error_contention": pc / measured - 1 if ok else float("nan"),
                      "command": command})
 
     def fastest(fn):
@@ -251,29 +310,35 @@ def main(argv=None) -> int:
     pens = fastest(lambda: run_cli(out / "penalty", "--method", "penalty", "--stages", "2", "--phases", sph,
                                    *common))
     cmd = f"auxpar train --method penalty --stages 2 --phases {sph} " + " ".join(common) + " --threads 1"
-    add("penalty K=2 parallel epoch", p_pen["parallel_epoch_s"], min(epochs_of(r, "parallel") for r in pens), cmd)
+    add("penalty K=2 parallel epoch", p_pen["parallel_epoch_s"], min(epochs_of(r, "parallel") for r in pens), cmd,
+        p_pen_c["parallel_epoch_s"])
     add("penalty K=2 serial epoch (layer executor)", p_pen["serial_epoch_s"],
-        min(epochs_of(r, "serial") for r in pens), cmd)
+        min(epochs_of(r, "serial") for r in pens), cmd, p_pen_c["serial_epoch_s"])
     add("penalty K=2 re-initialization", p_pen["reinit_s"],
-        min(med([e["reinit_time_s"] for e in r if e["reinit_time_s"]]) for r in pens), cmd)
-    add("penalty K=2 run, mean epoch (incl. re-init)", p_pen["epoch_s"], min(mean_epoch(r) for r in pens), cmd)
+        min(med([e["reinit_time_s"] for e in r if e["reinit_time_s"]]) for r in pens), cmd, p_pen_c["reinit_s"])
+    add("penalty K=2 run, mean epoch (incl. re-init)", p_pen["epoch_s"], min(mean_epoch(r) for r in pens), cmd,
+        p_pen_c["epoch_s"])
 
     pipes = fastest(lambda: run_cli(out / "pipeline", "--method", "pipeline", "--stages", "2", "--microbatches",
                                     str(M), "--pipeline-schedule", "1f1b", *common))
     cmd = f"auxpar train --method pipeline --stages 2 --microbatches {M} " + " ".join(common) + " --threads 1"
-    add(f"pipeline K=2 1F1B M={M} epoch", p_pipe["epoch_s"], min(epochs_of(r) for r in pipes), cmd)
+    add(f"pipeline K=2 1F1B M={M} epoch", p_pipe["epoch_s"], min(epochs_of(r) for r in pipes), cmd,
+        p_pipe_c["epoch_s"])
     add("speedup penalty K=2 vs serial (mean epoch)", p_serial["epoch_s"] / p_pen["epoch_s"],
-        min(mean_epoch(r) for r in sers) / min(mean_epoch(r) for r in pens), "ratio of the two runs above")
+        min(mean_epoch(r) for r in sers) / min(mean_epoch(r) for r in pens), "ratio of the two runs above",
+        p_serial["epoch_s"] / p_pen_c["epoch_s"])
 
     print()
     print(f"{args.model} on {args.dataset}, batch {B}, torch {torch.__version__}, "
           f"{os.cpu_count()} cores, 1 thread per process, {datetime.date.today()}; fastest of {args.repeats}; "
           f"CPU busy (other processes) before measurements {100 * min(loads):.0f}..{100 * max(loads):.0f}%")
-    print(f"{'quantity':<48} {'predicted':>10} {'measured':>10} {'error':>8}")
+    print(f"{'quantity':<48} {'predicted':>10} {'measured':>10} {'error':>8}   with contention {contention:.3f}")
     for r in rows:
-        print(f"{r['what']:<48} {r['predicted_s']:>10.4f} {r['measured_s']:>10.4f} {100 * r['error']:>7.1f}%")
+        print(f"{r['what']:<48} {r['predicted_s']:>10.4f} {r['measured_s']:>10.4f} {100 * r['error']:>7.1f}%   "
+              f"{r['predicted_contention_s']:>10.4f} {100 * r['error_contention']:>7.1f}%")
     (out / "validation.json").write_text(json.dumps(
-        {"link": {"bandwidth_gbs": bw, "latency_us": lat}, "rows": rows, "torch": torch.__version__,
+        {"link": {"bandwidth_gbs": bw, "latency_us": lat}, "contention": contention, "contention_repeats": c_ratios,
+         "rows": rows, "torch": torch.__version__,
          "cores": os.cpu_count(), "date": str(datetime.date.today()), "repeats": args.repeats,
          "cpu_busy_before_each_measurement": loads, "profile": prof.to_json()}, indent=2))
     print(f"wrote {out / 'validation.json'}")

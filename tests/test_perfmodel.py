@@ -93,6 +93,36 @@ def test_predictions_on_a_hand_made_profile():
     assert "batch 8 was measured faster than batch 4" in profile_warnings(prof)[0]
 
 
+def test_contention_slows_every_rank_of_a_multi_rank_method_and_never_serial():
+    """``Scenario.contention`` F: ranks sharing one machine compute F times slower than the profile
+    (free links: every multi-rank time scales by exactly F); serial runs alone and does not."""
+    from auxpar.errors import ConfigError
+
+    prof = _toy_profile()
+    prof.opt_s_per_param, prof.aux_s_per_value = 1e-3, 1e-4
+    prof.load_s = {"8": {"augment": 0.5, "plain": 0.25}, "4": {"augment": 0.25, "plain": 0.125}}
+    free = dict(batch_size=8, bandwidth_gbs=1e12, latency_us=0.0, microbatches=4, epochs=6,
+                phases="parallel:2,serial:1")
+    alone, shared = Scenario(**free), Scenario(**free, contention=1.25)
+    assert predict(prof, "serial", 1, shared)["epoch_s"] == predict(prof, "serial", 1, alone)["epoch_s"]
+    for method in ("ddp", "pipeline", "penalty", "al", "mgrit"):
+        a, b = predict(prof, method, 2, alone), predict(prof, method, 2, shared)
+        assert b["epoch_s"] == pytest.approx(1.25 * a["epoch_s"], rel=1e-9), method
+        assert b["speedup"] == pytest.approx(a["speedup"] / 1.25, rel=1e-9), method
+    pen = predict(prof, "penalty", 2, shared)
+    assert pen["reinit_s"] == pytest.approx(1.25 * predict(prof, "penalty", 2, alone)["reinit_s"])
+    # the profile itself is left as it was (the slowed copy is the predictor's)
+    assert prof.times["8"]["fwd"][1] == 1.0 and prof.opt_s_per_param == 1e-3
+    # links do not slow down: with a slow link the step grows by less than F
+    link = dict(free, bandwidth_gbs=0.001)
+    a, b = predict(prof, "pipeline", 2, Scenario(**link)), predict(prof, "pipeline", 2, Scenario(**link, contention=2.0))
+    assert a["step_s"] < b["step_s"] < 2 * a["step_s"]
+    # a speed-up is not contention: one clear error, not n/a rows
+    for bad in (0.9, 0.0, float("nan")):
+        with pytest.raises(ConfigError, match="must be >= 1"):
+            predict(prof, "penalty", 2, Scenario(**free, contention=bad))
+
+
 def _serial_step_seconds(batches, steps: int) -> float:
     from auxpar.config import build_config
     from auxpar.coupling import get_method
@@ -166,3 +196,16 @@ def test_model_perf_cli_writes_table_and_plot(tmp_path):
         pytest.approx([x for x in rows if x["method"] == "serial"][0]["step_s"])
     bad = run_cli("model-perf", "--dataset", "digits", "--bandwidth", "0", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--bandwidth 0.0 must be > 0" in bad.stderr
+    # --contention: the ranks share this machine; recorded, said in the table's header, and checked
+    r3 = run_cli("model-perf", "--profile", str(out / "perf.json"), "--dataset", "digits", "--stages", "2",
+                 "--bandwidth", "1", "--contention", "1.1", "--out", str(tmp_path / "shared"), "--no-plot",
+                 timeout=60)
+    assert r3.returncode == 0, r3.stderr
+    shared = json.loads((tmp_path / "shared" / "perf.json").read_text())
+    assert shared["scenario"]["contention"] == 1.1 and "Contention 1.1" in (tmp_path / "shared" / "perf.md").read_text()
+    pen = {x["method"]: x for x in shared["rows"]}["penalty"]
+    assert pen["epoch_s"] > {x["method"]: x for x in again}["penalty"]["epoch_s"]
+    bad = run_cli("model-perf", "--profile", str(out / "perf.json"), "--dataset", "digits", "--contention", "0.5",
+                  "--out", str(tmp_path / "y"))
+    assert bad.returncode == 2 and "--contention 0.5" in bad.stderr and "must be >= 1" in bad.stderr
+    assert not (tmp_path / "y" / "perf.json").exists()
