@@ -123,6 +123,32 @@ def test_contention_slows_every_rank_of_a_multi_rank_method_and_never_serial():
             predict(prof, "penalty", 2, Scenario(**free, contention=bad))
 
 
+def test_crossover_script_sweeps_a_saved_profile_with_and_without_contention(tmp_path):
+    """experiments/crossover.py on a saved (hand-made) profile: the table, and --contention 1.25
+    dividing every multi-rank speedup by 1.25 (free links: latency and bandwidth do not scale)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    prof = tmp_path / "perf.json"
+    prof.write_text(json.dumps({"profile": _toy_profile().to_json()}))
+    speedups = {}
+    for c in ("1", "1.25"):
+        out = tmp_path / f"x{c}"
+        r = subprocess.run([sys.executable, str(ROOT / "experiments" / "crossover.py"), "--profile", str(prof),
+                            "--train-samples", "80", "--epochs", "6", "--stages", "2", "--batch-sizes", "8",
+                            "--bandwidths", "100", "--microbatches", "4", "--contention", c, "--out", str(out)],
+                           capture_output=True, text=True, timeout=120, env=cli_env(), cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        row = [ln for ln in (out / "crossover.md").read_text().splitlines() if ln.startswith("| 2 | 8 |")]
+        assert len(row) == 1, row
+        speedups[c] = [float(v) for v in row[0].split("|")[4:9]]  # ddp .. penalty-par
+    assert all(v > 0 for v in speedups["1"])
+    for a, b in zip(speedups["1"], speedups["1.25"]):
+        assert b == pytest.approx(a / 1.25, abs=0.011)  # (the table rounds to 2 decimals)
+
+
 def _serial_step_seconds(batches, steps: int) -> float:
     from auxpar.config import build_config
     from auxpar.coupling import get_method
