@@ -40,7 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from auxpar.perfmodel import Scenario, predict, profile_model  # noqa: E402
+from auxpar.errors import ConfigError  # noqa: E402
+from auxpar.perfmodel import Scenario, check_contention, predict, profile_model  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- link
@@ -234,6 +235,13 @@ def main(argv=None) -> int:
                          "serial step with a second one running beside it / alone) or a number; the table shows "
                          "the error without it (1.0) and with it")
     args = ap.parse_args(argv)
+    fixed = None  # --contention auto: measured below
+    if args.contention != "auto":
+        try:
+            fixed = check_contention(float(args.contention))
+        except (ValueError, ConfigError):
+            ap.error(f"--contention {args.contention!r}: give auto or a number >= 1 (the compute slowdown of "
+                     "ranks that share this machine)")
     out = Path(args.out or ROOT / "runs" / f"validate-perfmodel-{args.dataset}")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -258,14 +266,14 @@ def main(argv=None) -> int:
     quiet()
     prof = profile_model(args.model, args.dataset, [B, B // M], data_cfg=cfg.data, device="cpu", repeats=7,
                          threads=1, optim_cfg=cfg.optim)
-    if args.contention == "auto":
+    if fixed is None:
         quiet()
         contention, c_ratios = measure_contention(over, args.repeats)
         c_ratios = [round(r, 4) for r in c_ratios]
         print(f"contention: a serial step with a second one beside it takes {contention:.3f}x as long "
               f"({', '.join(f'{r:.3f}' for r in c_ratios)})", flush=True)
     else:
-        contention, c_ratios = float(args.contention), []
+        contention, c_ratios = fixed, []
     sph = "parallel:2,serial:1"
     sc = Scenario(batch_size=B, bandwidth_gbs=bw, latency_us=lat, microbatches=M, pipeline_schedule="1f1b", phases=sph,
                   epochs=args.epochs)
